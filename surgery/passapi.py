@@ -48,6 +48,39 @@ class PassParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+class NM(BaseModel):
+    """An N:M sparsity pattern: N weights kept in every M consecutive input weights."""
+
+    model_config = ConfigDict(frozen=True)
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+class Percent(BaseModel):
+    """A percentage written `50%` (value 50.0)."""
+
+    model_config = ConfigDict(frozen=True)
+    value: float
+
+    @property
+    def fraction(self) -> float:
+        return self.value / 100.0
+
+    def __str__(self) -> str:
+        return f"{self.value:g}%"
+
+
+class CallValue(BaseModel):
+    """A nested call used as a value, e.g. `init=eva(data=calib, rho=2)`."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    name: str
+    kwargs: dict[str, Any] = {}
+
+
 class DataRef(str):
     """A parameter that names a `data` declaration (e.g. ``data=calib``). The checker verifies the
     name and the runner substitutes the loaded :class:`surgery.data.Dataset`."""
@@ -175,6 +208,10 @@ class ModulePass(Pass):
 
 class ModelPass(Pass):
     """A pass over whole models (merge) or the whole program output (export)."""
+
+    def check_models(self, models: dict[str, "nn.Module"]) -> list[str]:
+        """Bind-time checks on the declared models (skeletons). Return problems as strings."""
+        return []
 
     def apply(self, ctx: RunContext, modules: dict[str, "nn.Module"]) -> StepReport:
         raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Backends: custom ops with reference implementations, ONNX export, Triton kernels."""

@@ -1,0 +1,1 @@
+"""torch.library custom ops (namespace `surgery`), each with its plain-PyTorch reference."""

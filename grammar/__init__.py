@@ -1,0 +1,1 @@
+"""The grammar of the .surg language (surgery.lark), shipped as package data."""
