@@ -1,0 +1,349 @@
+"""Text -> AST. Splits the script into statements, parses each with the lark grammar, and reports
+every syntax error at once."""
+
+from __future__ import annotations
+
+import ast as pyast
+import re
+from functools import lru_cache
+from importlib import resources
+
+import lark
+from lark import Token, Transformer, v_args
+
+from surgery import ast
+from surgery.diagnostics import Diagnostic, SurgeryError, did_you_mean, suggest
+from surgery.source import SourceFile, Span
+
+STATEMENT_KEYWORDS = ("surgery", "model", "data", "let", "expect",
+                      "prune", "quantize", "swap", "adapt", "merge", "lower", "export", "save")
+VERBS = STATEMENT_KEYWORDS[5:]
+PREPOSITIONS = ("to", "in", "for", "with", "into")
+
+# What the terminals look like, for "expected ..." messages.
+_TERMINAL_TEXT = {
+    "NAME": "a name", "STRING": "a string", "NUMBER": "a number", "VERB": "a verb",
+    "PREP": "`to`/`in`/`for`/`with`/`into`", "USING": "`using`", "COMPARE": "a comparison",
+    "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "COMMA": "`,`", "EQUAL": "`=`",
+    "COLON": "`:`", "PERCENT": "`%`", "OR": "`|`", "AND": "`&`", "PLUS": "`+`", "MINUS": "`-`",
+    "MULOP": "`*` or `/`", "TRUE": "`true`", "FALSE": "`false`", "$END": "end of statement",
+}
+
+
+@lru_cache(maxsize=1)
+def _lark() -> lark.Lark:
+    text = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
+    return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
+# ---------------------------------------------------------------------------- statement split
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _depth_change(line: str) -> int:
+    """Bracket depth change over a line, ignoring strings and comments."""
+    depth, i, quote = 0, 0, None
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            break
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        i += 1
+    return depth
+
+
+def split_statements(src: SourceFile) -> tuple[list[tuple[int, int]], list[Diagnostic]]:
+    """Character ranges of statements, plus diagnostics for lines that start no statement."""
+    chunks: list[list[int]] = []
+    diags: list[Diagnostic] = []
+    offset, depth = 0, 0
+    for raw in src.text.splitlines(keepends=True):
+        line = raw.rstrip("\r\n")
+        stripped = line.strip()
+        start_of_line = offset
+        offset += len(raw)
+        if not stripped or stripped.startswith("#"):
+            continue
+        continuing = depth > 0 or line[:1] in (" ", "\t")
+        depth = max(0, depth + _depth_change(line))
+        if continuing and chunks:
+            chunks[-1][1] = start_of_line + len(line)
+            continue
+        m = _WORD.match(stripped)
+        word = m.group(0) if m else stripped.split()[0]
+        col0 = start_of_line + (len(line) - len(line.lstrip()))
+        if word in STATEMENT_KEYWORDS:
+            chunks.append([col0, start_of_line + len(line)])
+            continue
+        span = src.span_at(col0, col0 + len(word))
+        diags.append(Diagnostic(
+            "E0101", f"`{word}` does not start a statement", span,
+            help=did_you_mean(word, STATEMENT_KEYWORDS, listing="statements start with")))
+        depth = 0
+    return [(a, b) for a, b in chunks], diags
+
+
+# ---------------------------------------------------------------------------- tree -> AST
+
+class _ToAst(Transformer):
+    def __init__(self, src: SourceFile, base: int):
+        super().__init__()
+        self.src, self.base = src, base
+
+    def _span(self, meta_or_tok) -> Span:
+        if isinstance(meta_or_tok, Token):
+            return self.src.span_at(self.base + meta_or_tok.start_pos,
+                                    self.base + meta_or_tok.end_pos)
+        return self.src.span_at(self.base + meta_or_tok.start_pos, self.base + meta_or_tok.end_pos)
+
+    def _node_span(self, node) -> Span:
+        return node.span
+
+    # atoms
+    @v_args(meta=True)
+    def name(self, meta, children):
+        return ast.Name(id=str(children[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def string(self, meta, children):
+        tok = children[0]
+        try:
+            value = pyast.literal_eval(str(tok))
+        except (ValueError, SyntaxError):
+            value = str(tok)[1:-1]
+        return ast.String(value=value, span=self._span(meta))
+
+    @v_args(meta=True)
+    def number(self, meta, children):
+        text = str(children[0])
+        return ast.Number(value=float(text), text=text, span=self._span(meta))
+
+    @v_args(meta=True)
+    def ratio(self, meta, children):
+        a, b = (str(c) for c in children)
+        span = self._span(meta)
+        for t in (a, b):
+            if not t.isdigit():
+                raise _AstError(Diagnostic("E0303", f"`{a}:{b}` is not an N:M pattern", span,
+                                           help="N and M are whole numbers, e.g. 2:4"))
+        return ast.Ratio(n=int(a), m=int(b), span=span)
+
+    @v_args(meta=True)
+    def percent(self, meta, children):
+        text = str(children[0])
+        return ast.Percent(value=float(text), text=text, span=self._span(meta))
+
+    @v_args(meta=True)
+    def boolean(self, meta, children):
+        return ast.Bool(value=str(children[0]) == "true", span=self._span(meta))
+
+    @v_args(meta=True)
+    def list(self, meta, children):
+        return ast.ListExpr(items=[c for c in children if c is not None], span=self._span(meta))
+
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        name, value = children
+        return ast.Keyword(name=str(name), value=value, span=self._span(name))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        func = children[0]
+        args, kwargs = [], []
+        for c in children[1:]:
+            if c is None:
+                continue
+            if isinstance(c, ast.Keyword):
+                if any(k.name == c.name for k in kwargs):
+                    raise _AstError(Diagnostic("E0301", f"parameter `{c.name}` given twice", c.span))
+                kwargs.append(c)
+            else:
+                if kwargs:
+                    raise _AstError(Diagnostic("E0100", "positional argument after a keyword "
+                                               "argument", c.span,
+                                               help="put positional arguments first"))
+                args.append(c)
+        return ast.Call(func=str(func), func_span=self._span(func), args=args, kwargs=kwargs,
+                        span=self._span(meta))
+
+    @v_args(meta=True)
+    def binop(self, meta, children):
+        left, op, right = children
+        return ast.BinOp(op=str(op), left=left, right=right, span=self._span(meta))
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        operand = children[1]
+        if isinstance(operand, ast.Number):
+            return ast.Number(value=-operand.value, text="-" + operand.text, span=self._span(meta))
+        return ast.Neg(operand=operand, span=self._span(meta))
+
+    # statements
+    @v_args(meta=True)
+    def version_stmt(self, meta, children):
+        tok = children[0]
+        if not str(tok).isdigit():
+            raise _AstError(Diagnostic("E0103", f"language version must be a whole number, "
+                                       f"got `{tok}`", self._span(tok), help="write `surgery 1`"))
+        return ast.VersionStmt(version=int(str(tok)), span=self._span(meta))
+
+    @v_args(meta=True)
+    def model_stmt(self, meta, children):
+        name, value = children
+        return ast.ModelStmt(name=str(name), name_span=self._span(name), source=value,
+                             span=self._span(meta))
+
+    @v_args(meta=True)
+    def data_stmt(self, meta, children):
+        name, value = children
+        return ast.DataStmt(name=str(name), name_span=self._span(name), source=value,
+                            span=self._span(meta))
+
+    @v_args(meta=True)
+    def let_stmt(self, meta, children):
+        name, value = children
+        return ast.LetStmt(name=str(name), name_span=self._span(name), value=value,
+                           span=self._span(meta))
+
+    @v_args(meta=True)
+    def expect_stmt(self, meta, children):
+        left, op, right = children
+        return ast.ExpectStmt(left=left, op=str(op), right=right, span=self._span(meta))
+
+    def operands(self, children):
+        return [c for c in children if c is not None]
+
+    @v_args(meta=True)
+    def clause(self, meta, children):
+        prep, operands = children
+        return ast.Clause(prep=str(prep), operands=operands, span=self._span(meta))
+
+    @v_args(meta=True)
+    def export_stmt(self, meta, children):
+        verb, fmt, path = children
+        return ast.VerbStmt(verb="export", verb_span=self._span(verb), operands=[fmt, path],
+                            span=self._span(meta))
+
+    def using(self, children):
+        return children[1]
+
+    @v_args(meta=True)
+    def verb_stmt(self, meta, children):
+        verb = children[0]
+        operands, clauses, using = [], [], None
+        for c in children[1:]:
+            if c is None:
+                continue
+            if isinstance(c, list):
+                operands = c
+            elif isinstance(c, ast.Clause):
+                clauses.append(c)
+            elif isinstance(c, ast.Call):
+                using = c
+        return ast.VerbStmt(verb=str(verb), verb_span=self._span(verb), operands=operands,
+                            clauses=clauses, using=using, span=self._span(meta))
+
+
+class _AstError(Exception):
+    def __init__(self, diag: Diagnostic):
+        self.diag = diag
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _expected_text(expected: set[str]) -> str:
+    names = sorted({_TERMINAL_TEXT.get(e, f"`{e}`") for e in expected if not e.startswith("__")})
+    if len(names) > 6:
+        names = names[:6] + ["..."]
+    return ", ".join(names)
+
+
+def _keyword_candidates(expected: set[str]) -> list[str]:
+    words = []
+    if "PREP" in expected:
+        words += PREPOSITIONS
+    if "USING" in expected:
+        words.append("using")
+    if "VERB" in expected:
+        words += VERBS
+    if "TRUE" in expected or "FALSE" in expected:
+        words += ["true", "false"]
+    return words
+
+
+def _syntax_error(e: lark.exceptions.LarkError, src: SourceFile, base: int, end: int) -> Diagnostic:
+    if isinstance(e, lark.exceptions.UnexpectedCharacters):
+        pos = base + e.pos_in_stream
+        ch = src.text[pos] if pos < len(src.text) else ""
+        span = src.span_at(pos, pos + 1)
+        if ch in "\"'":
+            return Diagnostic("E0102", "unterminated string", span,
+                              help=f"close the string with {ch} on the same line")
+        return Diagnostic("E0100", f"unexpected character `{ch}`", span,
+                          help=f"expected {_expected_text(set(e.allowed))}")
+    if isinstance(e, lark.exceptions.UnexpectedToken):
+        tok = e.token
+        if tok.type == "$END":
+            pos = end
+            span = src.span_at(max(base, pos - 1), pos)
+            return Diagnostic("E0100", "statement ends too early", span,
+                              help=f"expected {_expected_text(set(e.expected))} here")
+        span = src.span_at(base + tok.start_pos, base + tok.end_pos)
+        help_ = None
+        cands = _keyword_candidates(set(e.expected))
+        if tok.type == "NAME" and cands:
+            close = suggest(str(tok), cands)
+            if close:
+                help_ = f"did you mean `{close[0]}`?"
+        if tok.type == "VERB" and "NAME" in e.expected:
+            msg = f"`{tok}` is a keyword and cannot be used as a name"
+            return Diagnostic("E0100", msg, span, help="choose another name")
+        if help_ is None:
+            help_ = f"expected {_expected_text(set(e.expected))}"
+        return Diagnostic("E0100", f"unexpected `{tok}`", span, help=help_)
+    if isinstance(e, lark.exceptions.UnexpectedEOF):
+        span = src.span_at(max(base, end - 1), end)
+        return Diagnostic("E0100", "statement ends too early", span,
+                          help=f"expected {_expected_text(set(e.expected))}")
+    return Diagnostic("E0100", "syntax error", src.span_at(base, end))
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def parse(text: str, name: str = "<script>") -> ast.Program:
+    """Parse a whole script. Raises SurgeryError with every syntax error found."""
+    src = SourceFile(text, name)
+    chunks, diags = split_statements(src)
+    statements = []
+    for start, end in chunks:
+        piece = text[start:end]
+        try:
+            tree = _lark().parse(piece)
+            statements.append(_ToAst(src, start).transform(tree))
+        except lark.exceptions.VisitError as e:
+            if isinstance(e.orig_exc, _AstError):
+                diags.append(e.orig_exc.diag)
+            else:
+                raise
+        except lark.exceptions.LarkError as e:
+            diags.append(_syntax_error(e, src, start, end))
+    if diags:
+        for d in diags:
+            d.source = src
+        raise SurgeryError(sorted(diags, key=lambda d: (d.span.start if d.span else 0)))
+    if not statements:
+        span = src.span_at(0, 0)
+        span = Span(line=1, col=1, end_line=1, end_col=1)
+    prog_span = src.span_at(0, len(text))
+    return ast.Program(statements=statements, span=prog_span)

@@ -1,0 +1,154 @@
+"""Selectors: which modules a statement touches.
+
+- ``modules("glob", ...)``: dotted module paths; ``*`` matches within one segment, ``**`` matches
+  any number of whole segments (including none); ``?`` and ``[abc]`` work within a segment.
+- ``re("regex")``: full match of the module path.
+- ``type(Name)``: modules whose class, or a base class, is named ``Name``.
+- ``a | b`` union, ``a & b`` intersection, ``a - b`` difference; ``-`` binds tighter than ``&``,
+  which binds tighter than ``|`` (as in Python); parentheses group.
+Every selector function takes ``allow_empty=true`` to accept matching nothing.
+Results keep the model's ``named_modules()`` order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from surgery.diagnostics import Diagnostic, suggest
+from surgery.source import Span
+
+
+@dataclass(frozen=True)
+class Selector:
+    span: Span
+
+    def matches(self, model: nn.Module, names: list[str]) -> set[str]:
+        raise NotImplementedError
+
+    def problems(self, model: nn.Module, names: list[str]) -> list[Diagnostic]:
+        """Diagnostics for leaves of this selector that match nothing."""
+        return []
+
+
+def _segments_match(pattern: list[str], path: list[str]) -> bool:
+    if not pattern:
+        return not path
+    head = pattern[0]
+    if head == "**":
+        return any(_segments_match(pattern[1:], path[i:]) for i in range(len(path) + 1))
+    return bool(path) and fnmatch.fnmatchcase(path[0], head) and _segments_match(pattern[1:], path[1:])
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    return _segments_match(pattern.split("."), name.split(".") if name else [])
+
+
+def _generalize(name: str) -> str:
+    """model.layers.12.mlp -> model.layers.*.mlp (for did-you-mean suggestions)."""
+    return ".".join("*" if seg.isdigit() else seg for seg in name.split("."))
+
+
+def nearest_paths(pattern: str, names: list[str], n: int = 1) -> list[str]:
+    cands = sorted({_generalize(x) for x in names if x} | {x for x in names if x})
+    return suggest(pattern, cands, n=n, cutoff=0.5)
+
+
+@dataclass(frozen=True)
+class Glob(Selector):
+    patterns: tuple[str, ...]
+    pattern_spans: tuple[Span, ...]
+    allow_empty: bool = False
+
+    def matches(self, model, names):
+        return {n for n in names if any(glob_match(p, n) for p in self.patterns)}
+
+    def problems(self, model, names):
+        out = []
+        for p, sp in zip(self.patterns, self.pattern_spans):
+            if self.allow_empty or any(glob_match(p, n) for n in names):
+                continue
+            close = nearest_paths(p, names)
+            help_ = f"did you mean `{close[0]}`?" if close else "no module path looks similar"
+            out.append(Diagnostic("E0400", f"`{p}` matches no module", sp,
+                                  help=help_ + " (`*` matches within one dotted segment, "
+                                               "`**` across segments)"))
+        return out
+
+
+@dataclass(frozen=True)
+class Regex(Selector):
+    pattern: str
+    allow_empty: bool = False
+
+    def matches(self, model, names):
+        rx = re.compile(self.pattern)
+        return {n for n in names if rx.fullmatch(n)}
+
+    def problems(self, model, names):
+        if self.allow_empty or self.matches(model, names):
+            return []
+        return [Diagnostic("E0400", f"re(\"{self.pattern}\") matches no module path", self.span,
+                           help="the regular expression must match the whole dotted path")]
+
+
+def class_names(module: nn.Module) -> list[str]:
+    return [c.__name__ for c in type(module).__mro__ if issubclass(c, nn.Module)]
+
+
+@dataclass(frozen=True)
+class TypeSel(Selector):
+    type_name: str
+    allow_empty: bool = False
+
+    def matches(self, model, names):
+        mods = dict(model.named_modules())
+        return {n for n in names if self.type_name in class_names(mods[n])}
+
+    def problems(self, model, names):
+        if self.allow_empty or self.matches(model, names):
+            return []
+        present = {type(m).__name__ for m in model.modules()}
+        close = suggest(self.type_name, present)
+        help_ = (f"did you mean `{close[0]}`?" if close else
+                 "module types in this model: " + ", ".join(sorted(present)[:12]))
+        return [Diagnostic("E0400", f"no module of type `{self.type_name}` in the model",
+                           self.span, help=help_)]
+
+
+@dataclass(frozen=True)
+class Everything(Selector):
+    def matches(self, model, names):
+        return set(names)
+
+
+@dataclass(frozen=True)
+class SetOp(Selector):
+    op: str
+    left: Selector
+    right: Selector
+
+    def matches(self, model, names):
+        a, b = self.left.matches(model, names), self.right.matches(model, names)
+        return a | b if self.op == "|" else a & b if self.op == "&" else a - b
+
+    def problems(self, model, names):
+        return self.left.problems(model, names) + self.right.problems(model, names)
+
+
+def resolve(selector: Selector, model: nn.Module) -> list[str]:
+    """Matched module paths in model order (the root module, path '', is never selected)."""
+    names = [n for n, _ in model.named_modules() if n]
+    hit = selector.matches(model, names)
+    return [n for n in names if n in hit]
+
+
+def validate_regex(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return None
