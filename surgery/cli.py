@@ -1,0 +1,191 @@
+"""The `surgery` command: check, plan, apply, passes.
+
+Exit codes: 0 success, 2 user error (diagnostics printed), 1 internal error (a bug: traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from surgery.diagnostics import SurgeryError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="surgery", description="Declarative model surgery for PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def script_cmd(name, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("file", help="the .surg script")
+        sp.add_argument("--model", help="override the script's model (zoo:NAME or hf:DIR)")
+        sp.add_argument("--format", choices=["text", "json"], default="text")
+        sp.add_argument("--trust-pickle", action="store_true",
+                        help="allow loading pickle (.bin/.pt) weights")
+        return sp
+
+    script_cmd("check", "static checks (and binding on the model's skeleton when it is known)")
+    script_cmd("plan", "show what every statement will touch, on a weightless skeleton")
+    ap = script_cmd("apply", "run the script")
+    ap.add_argument("-o", "--output", help="save the result here (overrides the script's save)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    pp = sub.add_parser("passes", help="list registered passes and their parameters")
+    pp.add_argument("--schema", action="store_true", help="print the JSON schema of every pass")
+    return p
+
+
+def _load_program(path: str):
+    from surgery.api import Program
+    from surgery.diagnostics import error
+
+    p = Path(path)
+    if not p.exists():
+        raise error("E0602", f"script `{path}` does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error("E0602", f"script `{path}` is not UTF-8 text")
+    return Program(text, str(path))
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def _print_plan(plan, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"plan for {plan.subject_source}"
+                    f"{' (skeleton, no weights loaded)' if plan.skeleton else ''}")
+    for col in ("line", "statement", "modules", "examples", "parameters", "memory"):
+        t.add_column(col, overflow="fold")
+    for row in plan.rows:
+        examples = ", ".join(row.modules[:2]) + (" ..." if len(row.modules) > 2 else "")
+        t.add_row(str(row.line), row.text, str(len(row.modules)), examples,
+                  _fmt_count(row.parameters), _fmt_bytes(row.memory_bytes))
+    console.print(t)
+
+
+def cmd_check(args, console) -> int:
+    prog = _load_program(args.file)
+    checked = prog.check()
+    bound = None
+    if args.model or checked.subject is not None:
+        bound = prog.plan(args.model)
+    if args.format == "json":
+        print(json.dumps({"ok": True, "diagnostics": [],
+                          "bound": bound.to_json() if bound else None}, indent=2))
+    else:
+        what = f"; bound to {bound.subject_source} skeleton" if bound else ""
+        console.print(f"[green]ok[/green]: {args.file}: {len(prog.ast.statements)} statements{what}")
+    return EXIT_OK
+
+
+def cmd_plan(args, console) -> int:
+    prog = _load_program(args.file)
+    plan = prog.plan(args.model)
+    if args.format == "json":
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        _print_plan(plan, console)
+    return EXIT_OK
+
+
+def cmd_apply(args, console) -> int:
+    from surgery.progress import Progress, RichProgress
+
+    prog = _load_program(args.file)
+    progress = Progress() if args.quiet or args.format == "json" else RichProgress()
+    result = prog.apply(args.model, seed=args.seed, output=args.output, progress=progress,
+                        trust_pickle=args.trust_pickle)
+    rep = result.report
+    if args.format == "json":
+        print(json.dumps(rep.to_json(), indent=2, default=str))
+        return EXIT_OK
+    for s in rep.steps:
+        metrics = ", ".join(f"{k}={_show(v)}" for k, v in s.report.metrics.items())
+        console.print(f"[bold]line {s.line}[/bold] {s.statement}: {s.report.modules} modules, "
+                      f"{_fmt_count(s.report.parameters)} parameters, {s.seconds:.1f}s"
+                      + (f"; {metrics}" if metrics else ""))
+        for note in s.report.notes:
+            console.print(f"    note: {note}")
+    for e in rep.expectations:
+        orig = f" (original {e.original:.4f}, change {100 * (e.value / e.original - 1):+.2f}%)" \
+            if e.original else ""
+        console.print(f"[bold]line {e.line}[/bold] {e.statement}: value {e.value:.4f}, bound "
+                      f"{e.bound:.4f}{orig} [green]passed[/green]")
+    for out in rep.outputs:
+        console.print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _show(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cmd_passes(args, console) -> int:
+    from surgery import registry
+
+    passes = registry.all_passes()
+    if args.schema:
+        print(json.dumps({f"{p.verb}/{p.method}": p.Params.model_json_schema() for p in passes},
+                         indent=2))
+        return EXIT_OK
+    from rich.table import Table
+
+    t = Table(title="registered passes")
+    for col in ("verb", "method", "parameters", "summary"):
+        t.add_column(col, overflow="fold")
+    for p in passes:
+        fields = []
+        for name, f in p.Params.model_fields.items():
+            default = "" if f.is_required() else f"={f.default!r}"
+            fields.append(f"{name}{default}")
+        t.add_row(p.verb, p.method + (" (default)" if p.is_default else ""), ", ".join(fields),
+                  p.summary)
+    console.print(t)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = _parser().parse_args(argv)
+    console = Console()
+    err = Console(stderr=True)
+    handler = {"check": cmd_check, "plan": cmd_plan, "apply": cmd_apply,
+               "passes": cmd_passes}[args.command]
+    try:
+        return handler(args, console)
+    except SurgeryError as e:
+        if getattr(args, "format", "text") == "json":
+            print(json.dumps({"ok": False, "diagnostics": [d.to_json() for d in e.diagnostics]},
+                             indent=2))
+        else:
+            err.print(e.render(), markup=False, highlight=False)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        err.print("interrupted; no artifact was written")
+        return 130
+    except Exception:  # a bug in surgery, not a user mistake
+        err.print("internal error (this is a bug in surgery; please report it):", markup=False)
+        err.print(traceback.format_exc(), markup=False, highlight=False)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

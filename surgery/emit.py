@@ -1,0 +1,158 @@
+"""Saving and loading transformed models: an HF directory + the `surgery.json` manifest.
+
+Layout of a saved directory::
+
+    config.json           the base architecture's config (HF models)
+    model.safetensors     every tensor of the transformed model (tied duplicates stored once)
+    tokenizer files       when the model has a tokenizer
+    surgery.json          how it was made: script, input hashes, plan, versions, per-step reports,
+                          the surgery-made module types to rebuild, tied-tensor aliases
+
+Writes go to a temporary directory that is renamed into place, so a crash leaves either no
+artifact or the complete new one. Outputs are deterministic: same inputs, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from surgery import registry
+from surgery.atomic import atomic_dir
+from surgery.diagnostics import error
+from surgery.passapi import replace_module
+
+MANIFEST = "surgery.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import surgery
+
+    out = {"surgery": surgery.__version__, "torch": torch.__version__,
+           "python": platform.python_version()}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def split_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with tensors that share storage stored once; alias -> canonical name."""
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    owner: dict[tuple, str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+               t.dtype) if t.device.type != "meta" else (name,)
+        if key in owner and t.numel() > 0:
+            aliases[name] = owner[key]
+            continue
+        owner[key] = name
+        tensors[name] = t.detach().contiguous().clone() if not t.is_contiguous() else t.detach()
+    return tensors, aliases
+
+
+def save(model: nn.Module, path: str | Path, manifest: dict[str, Any], tokenizer=None) -> Path:
+    """Write the model directory atomically."""
+    from safetensors.torch import save_file
+
+    tensors, aliases = split_aliases(model)
+    modules = registry.surgery_modules(model)
+    full = {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
+            "modules": modules, "aliases": aliases,
+            "base": _base_info(model)}
+    with atomic_dir(path) as tmp:
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            cfg = config.to_dict()
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        save_file({k: tensors[k] for k in sorted(tensors)}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "producer": "surgery"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        tmp.chmod(0o755)
+    return Path(path)
+
+
+def _base_info(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return {"kind": "hf", "class": type(model).__name__,
+                "architectures": getattr(config, "architectures", None)}
+    return {"kind": "python", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def _rebuild_base(d: Path, manifest: dict, model: nn.Module | None) -> nn.Module:
+    if model is not None:
+        return model
+    base = manifest.get("base", {})
+    if base.get("kind") != "hf" or not (d / "config.json").exists():
+        raise error("E0600", f"`{d}` holds a plain nn.Module ({base.get('class')}); pass a freshly "
+                             "built instance to rebuild it",
+                    help="surgery.load(DIR, model=MyModel())")
+    import transformers
+    from surgery.models import _hf_config, _quiet
+
+    config = json.loads((d / "config.json").read_text())
+    cls = getattr(transformers, base.get("class", ""), None) or transformers.AutoModel
+    with _quiet():
+        built = cls._from_config(_hf_config(config), dtype=torch.float32)
+    return built
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by `save`: base architecture, surgery module types, weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    if not (d / MANIFEST).exists():
+        raise error("E0602", f"`{d}` is not a surgery output (no {MANIFEST})",
+                    help="load plain HF directories with `hf:DIR` in a script or transformers")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise error("E0603", f"{d / MANIFEST} is corrupt: {e.msg}")
+    root = _rebuild_base(d, manifest, model)
+    for p, info in sorted(manifest.get("modules", {}).items(), key=lambda kv: kv[0].count(".")):
+        cls = registry.module_type(info["type"])
+        if cls is None:
+            raise error("E0600", f"`{d}` uses module type `{info['type']}`, which no installed "
+                                 "pass provides", help="install the package that defines it")
+        replace_module(root, p, cls.from_surgery_config(info["config"]))
+    try:
+        state = load_file(str(d / WEIGHTS))
+    except (SafetensorError, OSError, Exception) as e:  # noqa: B014 - report any corruption
+        raise error("E0603", f"cannot read {d / WEIGHTS}: {str(e)[:200]}",
+                    help="the weights file is corrupt or truncated")
+    aliases = manifest.get("aliases", {})
+    for alias, canonical in aliases.items():
+        state[alias] = state[canonical]
+    missing, unexpected = root.load_state_dict(state, strict=False, assign=False)
+    if missing or unexpected:
+        raise error("E0603", f"weights do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    _retie(root, aliases)
+    root.eval()
+    return root
+
+
+def _retie(root: nn.Module, aliases: dict[str, str]) -> None:
+    """Make aliased parameters the same Parameter object again (tied embeddings)."""
+    params = dict(root.named_parameters(remove_duplicate=False))
+    for alias, canonical in aliases.items():
+        if alias in params and canonical in params and params[alias] is not params[canonical]:
+            mod_path, _, attr = alias.rpartition(".")
+            setattr(root.get_submodule(mod_path) if mod_path else root, attr, params[canonical])
