@@ -1,0 +1,143 @@
+"""``QuantLinear``: a Linear whose weight is stored as real int8 / packed int4 codes.
+
+State (all buffers, so ``state_dict`` round-trips it exactly and safetensors saves it):
+
+- ``qweight``: int8 ``(out, in)`` (int8 symmetric), uint8 ``(out, in)`` (int8 asymmetric) or
+  uint8 ``(out, ceil(in/2))`` (int4, two codes per byte, see formats.py),
+- ``scales``: float32 ``(out, in // group)``,
+- ``zeros``: uint8 ``(out, in // group)`` integer zero points (asymmetric only),
+- ``bias``: ``(out,)`` (if the original Linear had one),
+- ``perm``: int64 ``(in,)`` (GPTQ act_order without static groups only): the codes are stored in
+  permuted column order so that groups stay contiguous; forward gathers ``x[..., perm]`` first.
+
+Forward calls the ``surgery::int8_linear`` / ``surgery::int4_linear`` custom ops
+(backends/ops/quant.py), whose CPU implementation dequantises and runs ``F.linear``; other
+backends register kernels for the same ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from surgery.backends.ops import quant as qops
+from surgery.passes.quantize.formats import Format, pack_int4, unpack_int4
+from surgery.registry import register_module_type
+
+
+@register_module_type
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group: int,
+                 symmetric: bool, bias: bool = True, permuted: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if in_features % group:
+            raise ValueError(f"group {group} does not divide in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group, self.symmetric = bits, group, symmetric
+        self.dtype = dtype  # dtype of the float weights this layer replaced
+        ng = in_features // group
+        if bits == 8:
+            qdtype = torch.int8 if symmetric else torch.uint8
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype,
+                                                        device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, (in_features + 1) // 2,
+                                                        dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, ng, dtype=torch.float32,
+                                                  device=device))
+        if symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=torch.uint8,
+                                                      device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        if permuted:
+            self.register_buffer("perm", torch.arange(in_features, device=device))
+        else:
+            self.perm = None
+
+    @property
+    def format(self) -> Format:
+        return Format(self.bits, self.symmetric)
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   *, bits: int, bias: torch.Tensor | None = None,
+                   perm: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+                   ) -> "QuantLinear":
+        """Build from integer codes (out, in) (in stored column order) and (out, groups) params."""
+        out, inp = codes.shape
+        group = inp // scales.shape[1]
+        m = cls(inp, out, bits=bits, group=group, symmetric=zeros is None,
+                bias=bias is not None, permuted=perm is not None, dtype=dtype,
+                device=codes.device)
+        if bits == 8:
+            m.qweight.copy_(codes.to(m.qweight.dtype))
+        else:
+            m.qweight.copy_(pack_int4(codes))
+        m.scales.copy_(scales.to(torch.float32))
+        if zeros is not None:
+            m.zeros.copy_(zeros.to(torch.uint8))
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        if perm is not None:
+            m.perm.copy_(perm)
+        return m
+
+    def surgery_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group": self.group, "symmetric": self.symmetric,
+                "bias": self.bias is not None, "permuted": self.perm is not None,
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_surgery_config(cls, cfg: dict[str, Any]) -> "QuantLinear":
+        return cls(cfg["in_features"], cfg["out_features"], bits=cfg["bits"], group=cfg["group"],
+                   symmetric=cfg["symmetric"], bias=cfg["bias"], permuted=cfg["permuted"],
+                   dtype=getattr(torch, cfg.get("dtype", "float32")))
+
+    # --- views -------------------------------------------------------------------------------
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes (out, in) in stored column order (int8 tensor for int4, else qweight)."""
+        if self.bits == 8:
+            return self.qweight
+        return unpack_int4(self.qweight, self.in_features, signed=self.symmetric)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight (out, in) this layer computes with, in the original column order."""
+        w = qops.dequantize(self.codes(), self.scales, self.zeros)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.bits == 8:
+            return torch.ops.surgery.int8_linear(x, self.qweight, self.scales, self.zeros,
+                                                 self.bias)
+        return torch.ops.surgery.int4_linear(x, self.qweight, self.scales, self.zeros, self.bias,
+                                             self.in_features)
+
+    def extra_repr(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        g = "per-channel" if self.group == self.in_features else f"group={self.group}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int{self.bits} {kind}, {g}, bias={self.bias is not None}"
+                + (", act_order" if self.perm is not None else ""))
