@@ -1,0 +1,96 @@
+"""`adapt SEL with bone(block=64, variant=bone|bat, dropout=0)`: Bone / PEFT MiSS adapters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn as nn
+from pydantic import Field
+
+from surgery.passapi import ModulePass, PassError, PassParams, RunContext, State, StepReport, replace_module
+from surgery.passes.adapters.common import (ADAPT_ACCEPTS, ADAPT_REFUSALS, float_weight,
+                                            freeze_all_but_adapters, is_linear_like,
+                                            unsupported_reason)
+from surgery.passes.adapters.layers import BoneLinear
+from surgery.registry import register
+
+BAT_ON_QUANTIZED = ("Bone bat rebuilds the float weight every forward; a quantized base has none "
+                    "(use variant=bone)")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class BoneParams(PassParams):
+    block: int = Field(64, ge=1, description="block size r (PEFT's r)")
+    variant: Literal["bone", "bat"] = "bone"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input (MiSS)")
+
+
+@register
+class Bone(ModulePass):
+    verb = "adapt"
+    method = "bone"
+    summary = "Bone / MiSS block adapters: `bone` (shared block added to W) or `bat` (block affine)"
+    Params = BoneParams
+    leaf_types = (nn.Linear,)
+    accepts = ADAPT_ACCEPTS
+    produces = frozenset({State.ADAPTED})
+    refusals = ADAPT_REFUSALS
+
+    def __init__(self, params: BoneParams):
+        super().__init__(params)
+        if params.variant == "bat":  # bat needs a float weight: refuse quantized bases
+            self.accepts = ADAPT_ACCEPTS - {State.QUANTIZED}
+            self.refusals = {**ADAPT_REFUSALS, State.QUANTIZED: BAT_ON_QUANTIZED}
+
+    def is_leaf(self, module: nn.Module) -> bool:
+        return is_linear_like(module)
+
+    def check_module(self, path: str, module: nn.Module) -> str | None:
+        reason = unsupported_reason("bone", module)
+        if reason:
+            return reason
+        r, fin, fout = self.params.block, module.in_features, module.out_features
+        if self.params.variant == "bat":
+            if fin % r or fout % r:
+                common = [d for d in _divisors(fin) if fout % d == 0 and d > 1]
+                bad = "in_features" if fin % r else "out_features"
+                size = fin if fin % r else fout
+                return (f"bat block {r} does not divide {bad} {size} (layer is {fout}x{fin}; "
+                        f"blocks dividing both: {', '.join(map(str, common[-8:])) or 'none'})")
+            if float_weight(module) is None and not _is_meta_linear(module):
+                return BAT_ON_QUANTIZED
+        elif r > fin:
+            return f"block {r} is larger than in_features {fin}"
+        return None
+
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+        p = self.params
+        report = StepReport(modules=len(modules))
+        with ctx.progress.task("Bone", total=len(modules)) as task:
+            for path, base in modules.items():
+                reason = self.check_module(path, base)
+                if reason:
+                    raise PassError(reason, module=path)
+                layer = BoneLinear(base, p.block, p.variant, p.dropout)
+                replace_module(ctx.model, path, layer)
+                n = layer.bone_block.numel()
+                report.parameters += n
+                report.per_module[path] = {"block": p.block, "variant": p.variant, "parameters": n}
+                task.advance()
+        trainable, total = freeze_all_but_adapters(ctx.model)
+        report.metrics.update({"adapters": len(modules), "trainable_parameters": trainable,
+                               "total_parameters": total,
+                               "trainable_percent": round(100.0 * trainable / max(total, 1), 4)})
+        report.notes.append(f"{trainable:,} trainable parameters ({100.0 * trainable / max(total, 1):.3f} %"
+                            f" of {total:,}); everything else is frozen")
+        if p.variant == "bone" and any(m.in_features % p.block for m in modules.values()):
+            report.notes.append(f"block {p.block} does not divide every layer's in_features; the "
+                                "last partial block is zero-padded (as PEFT MiSS does)")
+        return report
+
+
+def _is_meta_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.weight.is_meta

@@ -1,0 +1,134 @@
+"""`export peft "DIR"`: write the model's adapters as a PEFT adapter directory.
+
+LoRA layers become a `LORA` adapter (per-layer ranks and scalings as rank_pattern/alpha_pattern,
+as EVA needs); Bone layers become PEFT's `MISS` adapter (Bone's successor; Bone was removed from
+PEFT in 0.19). `peft.PeftModel.from_pretrained(base, DIR)` on the original base model reproduces
+our outputs. The directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn as nn
+from pydantic import Field, field_validator
+
+from surgery.atomic import atomic_dir
+from surgery.passapi import ModelPass, PassError, PassParams, RunContext, StepReport
+from surgery.registry import register
+
+PREFIX = "base_model.model."
+
+
+def _common(values: list[Any]) -> Any:
+    """The most frequent value (ties: the first seen), for the config's global fields."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def _task_type(model: nn.Module) -> str | None:
+    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+
+
+def _lora_files(layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+    notes = []
+    r = _common([m.r for m in layers.values()])
+    rslora = _common([m.rslora for m in layers.values()])
+    alpha = _common([m.alpha for m in layers.values() if m.r == r] or [m.alpha for m in layers.values()])
+    dropouts = [m.dropout_p for m in layers.values()]
+    if len(set(dropouts)) > 1:
+        notes.append(f"PEFT has one lora_dropout; layers differ, wrote {_common(dropouts)}")
+    rank_pattern, alpha_pattern, tensors = {}, {}, {}
+    for path, m in layers.items():
+        if m.r != r:
+            rank_pattern[path] = m.r
+        # PEFT derives scaling from alpha and rank: pick the alpha that gives our scaling.
+        want = m.scaling * (math.sqrt(m.r) if rslora else m.r)
+        if not math.isclose(want, alpha, rel_tol=1e-12, abs_tol=0.0):
+            alpha_pattern[path] = want
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous().clone()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous().clone()
+    config = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": _common(dropouts),
+        "use_rslora": rslora, "target_modules": sorted(layers), "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+        "layers_to_transform": None, "layers_pattern": None,
+    }
+    return config, tensors, notes
+
+
+def _miss_files(layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+    kinds = {(m.block, m.variant, m.dropout_p) for m in layers.values()}
+    if len(kinds) > 1:
+        raise PassError("PEFT's MiSS format has one block size, variant and dropout per adapter; "
+                        f"the model mixes {sorted(kinds)}",
+                        hint="use the same bone(...) settings for every layer you export")
+    block, variant, dropout = kinds.pop()
+    tensors = {f"{PREFIX}{path}.miss_block": m.bone_block.detach().cpu().contiguous().clone()
+               for path, m in layers.items()}
+    config = {
+        "peft_type": "MISS", "r": block, "init_weights": "bat" if variant == "bat" else True,
+        "miss_dropout": dropout, "mini_r": 1, "target_modules": sorted(layers), "bias": "none",
+        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
+    }
+    return config, tensors, []
+
+
+class PeftExportParams(PassParams):
+    path: str = Field(description="output directory")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("path must not be empty")
+        return v
+
+
+@register
+class PeftExport(ModelPass):
+    verb = "export"
+    method = "peft"
+    summary = "write the adapters as a PEFT directory (LoRA -> LORA, Bone -> MISS)"
+    Params = PeftExportParams
+
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+        from safetensors.torch import save_file
+
+        from surgery.passes.adapters.layers import AdapterLayer
+
+        layers = {n: m for n, m in ctx.model.named_modules() if isinstance(m, AdapterLayer)}
+        if not layers:
+            raise PassError("the model has no adapters to export",
+                            hint="attach some first: adapt SEL with lora(...) (and do not merge "
+                                 "them before `export peft`)")
+        kinds = {m.kind for m in layers.values()}
+        if len(kinds) > 1:
+            raise PassError("a PEFT adapter directory holds one adapter type; the model has both "
+                            "LoRA and Bone adapters", hint="export them from separate scripts")
+        build = _lora_files if kinds == {"lora"} else _miss_files
+        config, tensors, notes = build(layers)
+        sources = list(ctx.model_sources.values())
+        config.update({
+            "task_type": _task_type(ctx.model), "inference_mode": True, "revision": None,
+            "modules_to_save": None,
+            "base_model_name_or_path": ctx.extras.get("base_source")
+            or (sources[0] if len(sources) == 1 else None),
+        })
+        try:
+            import peft
+            config["peft_version"] = peft.__version__
+        except ImportError:  # the files do not need PEFT to be written
+            pass
+        with atomic_dir(self.params.path) as tmp:
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        n = sum(t.numel() for t in tensors.values())
+        return StepReport(modules=len(layers), parameters=n,
+                          metrics={"peft_type": config["peft_type"], "tensors": len(tensors),
+                                   "path": str(self.params.path)},
+                          notes=notes)
