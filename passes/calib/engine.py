@@ -1,0 +1,315 @@
+"""Layer-sequential calibration: block by block, each block fed the outputs of the already
+transformed blocks before it, holding one block's activations at a time."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from surgery.passapi import PassError, replace_module
+from surgery.passes.calib.stats import LinearStats
+
+Transform = Callable[[dict[str, nn.Module], dict[str, LinearStats]], "dict[str, nn.Module] | None"]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early (the rest of the model is not needed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the repeated blocks
+
+
+def find_blocks(model: nn.Module, targets: list[str]) -> tuple[str, list[str]]:
+    """The container whose children are run one after another, and those children's paths.
+
+    Candidates: an ``nn.ModuleList`` of >= 2 children of one class (HF ``model.layers``,
+    BERT ``encoder.layer``), or an ``nn.Sequential`` of >= 2 children. The candidate holding the
+    most targets wins (the shallower one on a tie). Returns ("", []) when none holds a target:
+    the caller then treats the whole model as one block.
+    """
+    best = None
+    for path, mod in model.named_modules():
+        kids = list(mod.named_children())
+        if len(kids) < 2:
+            continue
+        if isinstance(mod, nn.ModuleList):
+            if len({type(k) for _, k in kids}) != 1:
+                continue
+        elif not isinstance(mod, nn.Sequential):
+            continue
+        prefix = f"{path}." if path else ""
+        held = sum(1 for t in targets if t.startswith(prefix))
+        if held == 0:
+            continue
+        key = (held, -path.count(".") - (1 if path else 0))
+        if best is None or key > best[0]:
+            best = (key, path, [prefix + name for name, _ in kids])
+    if best is None:
+        return "", []
+    return best[1], best[2]
+
+
+def _inside(path: str, block: str) -> bool:
+    return path == block or path.startswith(block + ".")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calling the model and the blocks
+
+
+def _model_call(model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """How to feed a calibration batch: input_ids for HF models (no KV cache), else positional."""
+    takes_ids = hasattr(model, "config") and hasattr(model.config, "vocab_size")
+    if not takes_ids:
+        return lambda x: model(x)
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params:
+        return lambda x: model(input_ids=x, use_cache=False)
+    return lambda x: model(input_ids=x)
+
+
+@dataclass
+class _BlockInput:
+    args: tuple
+    kwargs: dict
+    hidden_in_kwargs: str | None = None  # the kwarg name when the hidden state came as keyword
+
+    def hidden(self) -> torch.Tensor:
+        return self.kwargs[self.hidden_in_kwargs] if self.hidden_in_kwargs else self.args[0]
+
+    def with_hidden(self, h: torch.Tensor) -> "_BlockInput":
+        if self.hidden_in_kwargs:
+            return _BlockInput(self.args, {**self.kwargs, self.hidden_in_kwargs: h},
+                               self.hidden_in_kwargs)
+        return _BlockInput((h, *self.args[1:]), self.kwargs)
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise TypeError(f"cannot find the hidden state in a block output of type {type(out)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+
+@dataclass
+class _Recorder:
+    """Call order and input identity of target modules during one forward."""
+
+    paths: dict[nn.Module, str]
+    order: list[tuple[str, int]] = field(default_factory=list)
+    keep: list[torch.Tensor] = field(default_factory=list)  # keeps ids unique while recording
+
+    def hook(self, module, inputs):
+        x = inputs[0]
+        self.keep.append(x)
+        self.order.append((self.paths[module], id(x)))
+
+
+def sequential_groups(order: list[tuple[str, int]]) -> list[list[str]]:
+    """Targets grouped by shared input, in first-call order: q/k/v, then o, then gate/up, down."""
+    groups: list[list[str]] = []
+    by_input: dict[int, list[str]] = {}
+    seen: set[str] = set()
+    for path, ident in order:
+        if path in seen:
+            continue
+        seen.add(path)
+        if ident in by_input:
+            by_input[ident].append(path)
+        else:
+            by_input[ident] = [path]
+            groups.append(by_input[ident])
+    return groups
+
+
+class _StatsHooks:
+    """Accumulate LinearStats for some modules; optionally stop the forward after the last one."""
+
+    def __init__(self, mods: dict[str, nn.Module], gram: bool, stop_after: str | None):
+        self.stats = {p: LinearStats(m.in_features if hasattr(m, "in_features")
+                                     else m.weight.shape[1], gram) for p, m in mods.items()}
+        self.handles = []
+        for p, m in mods.items():
+            self.handles.append(m.register_forward_hook(self._make(p, p == stop_after)))
+
+    def _make(self, path: str, stop: bool):
+        def hook(module, inputs, output):
+            self.stats[path].add(inputs[0].detach())
+            if stop:
+                raise _Stop
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+@torch.no_grad()
+def calibrate_sequential(model: nn.Module, calibration: torch.Tensor,
+                         targets: dict[str, nn.Module], transform: Transform, *, progress,
+                         batch_size: int = 8, true_sequential: bool = False, gram: bool = True,
+                         label: str = "calibrate") -> None:
+    """Run ``transform`` on every target, block by block (see the package docstring)."""
+    if not targets:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        _Engine(model, calibration, dict(targets), transform, progress, batch_size,
+                true_sequential, gram, label).run()
+    finally:
+        model.train(was_training)
+
+
+class _Engine:
+    def __init__(self, model, calibration, targets, transform, progress, batch_size,
+                 true_sequential, gram, label):
+        self.model = model
+        self.batches = [calibration[i:i + batch_size]
+                        for i in range(0, calibration.shape[0], batch_size)]
+        self.targets = targets
+        self.transform = transform
+        self.progress = progress
+        self.true_sequential = true_sequential
+        self.gram = gram
+        self.label = label
+        self.call = _model_call(model)
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        container, blocks = find_blocks(self.model, list(self.targets))
+        in_block = {b: [t for t in self.targets if _inside(t, b)] for b in blocks}
+        outside = [t for t in self.targets if not any(_inside(t, b) for b in blocks)]
+        n_stages = len(blocks) + (1 if outside else 0)
+        with self.progress.task(self.label, total=n_stages) as task:
+            if blocks:
+                inputs, early = self._capture(blocks[0], outside)
+                if early:  # targets before the first block (e.g. an input projection)
+                    task.describe(f"{self.label}: before {blocks[0]}")
+                    self._stage(lambda i: self.call(self.batches[i]), early,
+                                stop_at=self.model.get_submodule(blocks[0]))
+                    outside = [t for t in outside if t not in early]
+                    inputs, _ = self._capture(blocks[0], [])
+                for bi, bpath in enumerate(blocks):
+                    task.describe(f"{self.label}: {bpath} ({bi + 1}/{len(blocks)})")
+                    block = self.model.get_submodule(bpath)
+                    fwd = (lambda blk: lambda i: blk(*inputs[i].args, **inputs[i].kwargs))(block)
+                    if in_block[bpath]:
+                        self._stage(fwd, in_block[bpath])
+                    if bi + 1 < len(blocks):  # the next block's inputs, from transformed weights
+                        block = self.model.get_submodule(bpath)
+                        inputs = [inp.with_hidden(_first_output(
+                            block(*inp.args, **inp.kwargs))) for inp in inputs]
+                    task.advance()
+                del inputs
+            if outside:  # the rest (lm_head, or a model without repeated blocks): full forwards
+                task.describe(f"{self.label}: remaining layers")
+                self._stage(lambda i: self.call(self.batches[i]), outside)
+                task.advance()
+
+    def _capture(self, block_path: str, outside: list[str]):
+        """Inputs of the first block for every batch, and the outside targets that ran before it."""
+        block = self.model.get_submodule(block_path)
+        captured: list[_BlockInput] = []
+        fired: list[str] = []
+
+        def pre(module, args, kwargs):
+            if args:
+                captured.append(_BlockInput(args, kwargs))
+            else:
+                name = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                captured.append(_BlockInput((), kwargs, name))
+            raise _Stop
+
+        handles = [block.register_forward_pre_hook(pre, with_kwargs=True)]
+        for t in outside:
+            m = self.model.get_submodule(t)
+            handles.append(m.register_forward_pre_hook(
+                (lambda p: lambda mod, a: fired.append(p) if p not in fired else None)(t)))
+        try:
+            for b in self.batches:
+                try:
+                    self.call(b)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(captured) != len(self.batches):
+            raise PassError(f"calibration never reached {block_path}", module=block_path,
+                            hint="the model's forward does not call its blocks in order")
+        return captured, fired
+
+    def _stage(self, forward: Callable[[int], Any], paths: list[str],
+               stop_at: nn.Module | None = None) -> None:
+        """Collect statistics for ``paths`` through ``forward`` and transform them (by groups)."""
+        groups = [paths]
+        order = self._record(forward, paths)
+        if self.true_sequential:
+            groups = [[p for p in g if p in paths] for g in sequential_groups(order)]
+            groups = [g for g in groups if g]
+            missing = [p for p in paths if not any(p in g for g in groups)]
+            if missing:
+                groups.append(missing)
+        once = len(order) == len({p for p, _ in order})
+        for group in groups:
+            mods = {p: self.model.get_submodule(p) for p in group}
+            called = [p for p, _ in order if p in mods]
+            stop_after = called[-1] if once and len(called) == len(mods) else None
+            hooks = _StatsHooks(mods, self.gram, stop_after)
+            stop_handle = None
+            if stop_at is not None:
+                stop_handle = stop_at.register_forward_pre_hook(_raise_stop)
+            try:
+                for i in range(len(self.batches)):
+                    try:
+                        forward(i)
+                    except _Stop:
+                        pass
+            finally:
+                hooks.remove()
+                if stop_handle is not None:
+                    stop_handle.remove()
+            never = [p for p, s in hooks.stats.items() if s.tokens == 0]
+            if never:
+                raise PassError("the calibration forward never reached this layer",
+                                module=never[0], hint="select layers the model's forward uses")
+            replaced = self.transform(mods, hooks.stats) or {}
+            for p, new in replaced.items():
+                replace_module(self.model, p, new)
+
+    def _record(self, forward: Callable[[int], Any], paths: list[str]):
+        """Call order of ``paths`` on the first batch (for grouping and early stopping)."""
+        mods = {self.model.get_submodule(p): p for p in paths}
+        rec = _Recorder(mods)
+        handles = [m.register_forward_pre_hook(rec.hook) for m in mods]
+        try:
+            try:
+                forward(0)
+            except _Stop:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        return rec.order
+
+
+def _raise_stop(module, args):
+    raise _Stop

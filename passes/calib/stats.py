@@ -1,0 +1,57 @@
+"""Per-Linear input statistics accumulated over calibration batches."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LinearStats:
+    """Running statistics of the inputs X (tokens x in_features) seen by one Linear layer.
+
+    ``tokens``: rows seen; ``samples``: sequences seen (leading dimension of each batch, as the
+    GPTQ/SparseGPT reference counts them); ``sum``: per-column sum (float64); ``sq_sum``: per-
+    column sum of squares (float64); ``gram``: XᵀX (float64, only when collected).
+    """
+
+    def __init__(self, in_features: int, gram: bool = True, device=None):
+        self.in_features = in_features
+        self.tokens = 0
+        self.samples = 0
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.gram = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+                     if gram else None)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add one batch of inputs (..., in_features)."""
+        self.samples += x.shape[0] if x.dim() > 1 else 1
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        self.tokens += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        if self.gram is not None:
+            g = x.T @ x  # float32 per batch; summed in float64 across batches
+            self.gram += g
+            self.sq_sum += g.diagonal()
+        else:
+            self.sq_sum += (x * x).sum(0, dtype=torch.float64)
+
+    # --- derived quantities -------------------------------------------------------------------
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+    def var(self) -> torch.Tensor:
+        """Per-column population variance E[x²] - E[x]²."""
+        n = max(self.tokens, 1)
+        return (self.sq_sum / n - self.mean() ** 2).clamp(min=0)
+
+    def col_norms(self) -> torch.Tensor:
+        """||X_j||_2 per input column (Wanda's activation norm)."""
+        return self.sq_sum.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """H = (2 / samples) · XᵀX as float32 (GPTQ / SparseGPT layer Hessian)."""
+        if self.gram is None:
+            raise ValueError("these statistics were collected without the Gram matrix")
+        return (self.gram * (2.0 / max(self.samples, 1))).to(torch.float32)
