@@ -1,0 +1,157 @@
+"""Shared Params and apply() of the two swap passes (stablemax, softplus)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from pydantic import field_validator
+
+from surgery.passapi import (DataRef, ModulePass, PassError, PassParams, RunContext, State, StepReport)
+
+from .intercept import NormaliserSpec
+from .swap import (CannotSynthesise, capture_inputs, example_inputs, install, is_swapped,
+                   no_attention_reason, trace_stats)
+
+SUPPORTED_OPS = ("softmax",)
+
+
+class SwapParams(PassParams):
+    # Filled by the compiler from `swap <op> in SEL ...`.
+    op: str = "softmax"
+    # Optional data declaration: perplexity before and right after the swap goes in the report.
+    data: DataRef | None = None
+
+    @field_validator("op")
+    @classmethod
+    def _known_op(cls, v: str) -> str:
+        if v not in SUPPORTED_OPS:
+            raise ValueError(f"cannot swap {v!r}: supported ops are {', '.join(SUPPORTED_OPS)}")
+        return v
+
+
+class SwapPass(ModulePass):
+    """Base of `swap softmax in SEL for <method>`; subclasses say which normaliser."""
+
+    verb: ClassVar[str] = "swap"
+    accepts = frozenset({State.MASKED, State.QUANTIZED, State.ADAPTED, State.MERGED})
+    produces = frozenset({State.SWAPPED})
+    refusals = {
+        State.SWAPPED: "its softmax was already swapped",
+        State.LOWERED: "it was lowered to backend kernels; swap attention before lowering",
+    }
+
+    def spec(self) -> NormaliserSpec:
+        raise NotImplementedError
+
+    # -- plan time ------------------------------------------------------------------------
+    def check_module(self, path: str, module: nn.Module) -> str | None:
+        if is_swapped(module):
+            return f"softmax in {type(module).__name__} was already swapped"
+        try:
+            args, kwargs = example_inputs(module)
+            stats = trace_stats(module, self.spec(), args, kwargs)
+        except Exception:  # noqa: BLE001 - not traceable without real inputs; checked at run time
+            return None
+        return no_attention_reason(module, stats)
+
+    # -- run time -------------------------------------------------------------------------
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+        spec = self.spec()
+        paths = _outermost(sorted(modules))
+        report = StepReport()
+        ds = ctx.dataset(self.params.data) if self.params.data is not None else None
+        if ds is not None:
+            report.metrics["perplexity_before"] = _perplexity(ctx, ds)
+        found = self._trace_all(ctx, {p: modules[p] for p in paths}, spec)
+        with ctx.progress.task(f"swap softmax for {spec.kind}", total=len(paths)) as task:
+            for path in paths:
+                mod = modules[path]
+                install(mod, spec)
+                report.per_module[path] = {"class": type(mod).__name__, "softmax_rewritten": found[path].rewritten,
+                                           "sdpa_decomposed": found[path].sdpa}
+                task.advance()
+        report.modules = len(paths)
+        report.parameters = self.affected_parameters({p: modules[p] for p in paths})
+        if ds is not None:
+            report.metrics["perplexity_after"] = _perplexity(ctx, ds)
+        report.notes.append(f"softmax -> {_describe(spec)} in {len(paths)} module(s)")
+        if len(paths) < len(modules):
+            report.notes.append(f"{len(modules) - len(paths)} selected module(s) inside another selected one "
+                                "were covered by the outer swap")
+        return report
+
+    def _trace_all(self, ctx: RunContext, targets: dict[str, nn.Module], spec: NormaliserSpec):
+        """Trace every target on synthesised inputs, or on inputs captured from a model run."""
+        found, pending = {}, {}
+        for path, mod in targets.items():
+            if is_swapped(mod):
+                raise PassError(f"softmax in {type(mod).__name__} was already swapped", module=path)
+            try:
+                args, kwargs = example_inputs(mod)
+                found[path] = trace_stats(mod, spec, args, kwargs)
+            except (CannotSynthesise, RuntimeError, TypeError, ValueError):
+                pending[path] = mod
+        if pending:
+            captured = _capture(ctx, pending)
+            for path, mod in pending.items():
+                if path not in captured:
+                    raise PassError(f"{type(mod).__name__} was not called when the model ran, so it cannot be "
+                                    "traced", module=path, hint="select attention modules the model uses")
+                args, kwargs = captured[path]
+                try:
+                    found[path] = trace_stats(mod, spec, args, kwargs)
+                except Exception as e:  # noqa: BLE001 - reported with the module's name
+                    raise PassError(f"tracing {type(mod).__name__} failed: {type(e).__name__}: {e}",
+                                    module=path) from e
+        for path, mod in targets.items():
+            reason = no_attention_reason(mod, found[path])
+            if reason:
+                raise PassError(reason, module=path,
+                                hint="select attention modules, e.g. type(LlamaAttention) or modules(\"**.self_attn\")")
+        return found
+
+
+def _capture(ctx: RunContext, pending: dict[str, nn.Module]) -> dict[str, tuple]:
+    model = ctx.model
+    ids = None
+    for ds in ctx.data.values():
+        ids = ds.calibration[:1, :16]
+        break
+    if ids is None:
+        ids = torch.zeros(1, 8, dtype=torch.long)
+    first = next(iter(pending))
+    try:
+        if hasattr(getattr(model, "config", None), "use_cache"):
+            return capture_inputs(model, pending, ids, use_cache=False)
+        return capture_inputs(model, pending, ids)
+    except Exception as e:  # noqa: BLE001 - the model's own error, reported with context
+        raise PassError(f"cannot trace {type(pending[first]).__name__}: example inputs could not be built from its "
+                        f"signature and running the model on token ids failed ({type(e).__name__}: {e})",
+                        module=first, hint="swap attention in a model that takes input_ids") from e
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """Drop paths nested inside another selected path (the outer swap covers them)."""
+    out: list[str] = []
+    for p in paths:
+        if not any(p.startswith(q + ".") or q == "" for q in out):
+            out.append(p)
+    return out
+
+
+def _perplexity(ctx: RunContext, ds) -> float:
+    from surgery.evaluate import perplexity
+
+    try:
+        return round(perplexity(ctx.model, ds.evaluation), 4)
+    except Exception as e:  # noqa: BLE001 - e.g. the model is not a language model
+        raise PassError(f"cannot measure perplexity on this model ({type(e).__name__}: {e})",
+                        hint="drop data= for models that are not causal language models") from e
+
+
+def _describe(spec: NormaliserSpec) -> str:
+    if spec.kind == "stablemax":
+        return "stablemax"
+    return f"softplus LSSAR (p={spec.p:g})" if spec.reweight else "softplus LSSA"
