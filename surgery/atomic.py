@@ -21,6 +21,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        _publishable(tmp)
         if final.exists():
             # Move the old artifact aside first so the swap is two renames, never a half copy.
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
@@ -35,6 +36,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _publishable(tmp: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; published artifacts get normal modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if tmp.is_dir():
+        tmp.chmod(0o777 & ~umask)
+        for p in tmp.rglob("*"):
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+    else:
+        tmp.chmod(0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; renamed over ``path`` on success."""
@@ -45,6 +58,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _publishable(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -106,10 +106,13 @@ def cmd_plan(args, console) -> int:
 
 
 def cmd_apply(args, console) -> int:
-    from surgery.progress import Progress, RichProgress
+    from surgery.progress import LogProgress, Progress, RichProgress
 
     prog = _load_program(args.file)
-    progress = Progress() if args.quiet or args.format == "json" else RichProgress()
+    if args.quiet or args.format == "json":
+        progress = Progress()
+    else:
+        progress = RichProgress() if sys.stderr.isatty() else LogProgress()
     result = prog.apply(args.model, seed=args.seed, output=args.output, progress=progress,
                         trust_pickle=args.trust_pickle)
     rep = result.report
@@ -165,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = _parser().parse_args(argv)
-    console = Console()
-    err = Console(stderr=True)
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
     handler = {"check": cmd_check, "plan": cmd_plan, "apply": cmd_apply,
                "passes": cmd_passes}[args.command]
     try:

@@ -82,7 +82,6 @@ def save(model: nn.Module, path: str | Path, manifest: dict[str, Any], tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-        tmp.chmod(0o755)
     return Path(path)
 
 

@@ -36,6 +36,23 @@ class Progress:
         pass
 
 
+class LogProgress(Progress):
+    """One line per task on stderr (for logs and CI, where bars would be noise)."""
+
+    def __init__(self, stream=None):
+        import sys
+
+        self.stream = stream or sys.stderr
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Task]:
+        print(f"... {description}", file=self.stream, flush=True)
+        yield Task(self)
+
+    def log(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+
+
 class RichProgress(Progress):
     """Progress bars on stderr (used by the CLI)."""
 
