@@ -1,0 +1,207 @@
+"""The merge pass base class, parameters shared by every method, and the in-memory engine.
+
+Each method supplies a `TensorMerger` (pure tensor maths, see the method files); `MergePass`
+resolves the declared models, checks that they match, merges one tensor at a time into a copy of
+the reference model and assigns it to `ctx.model`. The streamed engine (`stream.py`) drives the
+same mergers over safetensors shards.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from pydantic import ConfigDict, Field, model_validator
+
+from surgery.passapi import ModelPass, PassError, PassParams, RunContext, State, StepReport
+
+from .taskvec import (compatibility_problems, is_mergeable, merge_global, shapes_of, tied_names)
+
+Tensor = torch.Tensor
+
+
+def lambda_field(default: float):
+    """`lambda=` in scripts (a Python keyword, hence the field name `lam`)."""
+    return Field(default, alias="lambda", description="scaling of the merged task vector")
+
+
+class MergeParams(PassParams):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
+                              populate_by_name=True)
+    requires_base: ClassVar[bool] = False
+    models: list[str] = []  # filled by the compiler: `merge A, B, ...`
+    base: str | None = None  # filled by the compiler: `into BASE`
+    exclude: list[str] = []  # regexes (re.match) of tensor names copied from the base unmerged
+
+    @model_validator(mode="after")
+    def _check_models(self):
+        if self.models and self.requires_base and self.base is None:
+            raise ValueError("this method merges task vectors and needs a base model: write "
+                             "`merge A, B into BASE using ...`")
+        w = getattr(self, "weights", None)
+        if w is not None and self.models and len(w) != len(self.models):
+            raise ValueError(f"weights has {len(w)} entries for {len(self.models)} models")
+        if w is not None and getattr(self, "normalize", False) and abs(sum(w)) < 1e-12:
+            raise ValueError("weights sum to 0; cannot normalize")
+        return self
+
+
+def tensor_kinds(model: nn.Module) -> dict[str, str]:
+    """Role of each parameter: 'embedding' (rows are tokens), 'matrix' (Linear, columns are
+    inputs), 'conv' (weights flattened to (out, in*k)), or 'other'."""
+    kinds: dict[str, str] = {}
+    for path, mod in model.named_modules():
+        pre = f"{path}." if path else ""
+        if isinstance(mod, nn.Embedding):
+            kinds[pre + "weight"] = "embedding"
+        elif isinstance(mod, nn.Linear):
+            kinds[pre + "weight"] = "matrix"
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            kinds[pre + "weight"] = "conv"
+    return kinds
+
+
+def tensor_seed(seed: int, name: str, index: int) -> int:
+    """A per-(tensor, model) seed: random methods give the same result in any tensor order, so
+    the streamed and in-memory engines agree bit for bit."""
+    return (seed * 1_000_003 + zlib.crc32(f"{index}:{name}".encode())) % (2 ** 63)
+
+
+class TensorMerger:
+    """Pure tensor maths of one method. `merge` gets the base tensor (or None) and the models'
+    tensors for one name; global-scope methods implement `combine((N, d)) -> (d,)` instead."""
+
+    needs_base: ClassVar[bool] = False
+    scope: str = "per_tensor"
+
+    def __init__(self, params: MergeParams, seed: int = 0):
+        self.p = params
+        self.seed = seed
+
+    def weights(self, n: int) -> list[float]:
+        w = getattr(self.p, "weights", None)
+        return list(w) if w is not None else [1.0] * n
+
+    def merge(self, name: str, base: Tensor | None, tensors: Sequence[Tensor], kind: str) -> Tensor:
+        raise NotImplementedError
+
+    def combine(self, T: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def merge_state_dicts(merger: TensorMerger, base: Mapping[str, Tensor] | None,
+                      models: Sequence[Mapping[str, Tensor]], kinds: Mapping[str, str],
+                      exclude: Sequence[str] = (), progress=None) -> tuple[dict[str, Tensor], int]:
+    """Merge state dicts; returns (merged state dict, number of merged parameters). Tensors that
+    are excluded or not floating point are copied from the base (or the first model)."""
+    ref = base if base is not None else models[0]
+    ties = tied_names(ref)
+    names = [k for k, v in ref.items() if k not in ties and is_mergeable(k, v, exclude)]
+    out: dict[str, Tensor] = {k: v for k, v in ref.items() if k not in ties}
+    merged_params = 0
+    if merger.scope == "global":
+        out.update(merge_global(names, base, models, merger.combine))
+        merged_params = sum(ref[n].numel() for n in names)
+    else:
+        ctx = progress.task("merge", total=len(names)) if progress else None
+        task = ctx.__enter__() if ctx else None
+        try:
+            for n in names:
+                out[n] = merger.merge(n, None if base is None else base[n],
+                                      [m[n] for m in models], kinds.get(n, "other"))
+                merged_params += out[n].numel()
+                if task:
+                    task.advance()
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+    for k, first in ties.items():
+        out[k] = out[first]
+    return out, merged_params
+
+
+class MergePass(ModelPass):
+    """Base of the parameter-space merge methods (`merge A, B [into BASE] using METHOD(...)`)."""
+
+    verb = "merge"
+    produces = frozenset({State.MERGED})
+    accepts = frozenset({State.MERGED})
+    refusals = {State.QUANTIZED: "merging needs dense float weights; merge before quantizing",
+                State.MASKED: "merging would fill pruned weights; merge before pruning",
+                State.ADAPTED: "fold adapters first (`merge adapters`), then merge models"}
+    Params: ClassVar[type[MergeParams]] = MergeParams
+    merger_cls: ClassVar[type[TensorMerger]] = TensorMerger
+    needs_base: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.needs_base and "Params" in cls.__dict__:
+            cls.Params.requires_base = True
+
+    # --- plan time -----------------------------------------------------------------------
+    def check_models(self, models: dict[str, nn.Module]) -> list[str]:
+        p = self.params
+        problems = []
+        if self.needs_base and p.base is None:
+            problems.append(f"`{self.method}` merges task vectors and needs a base model "
+                            f"(`merge {', '.join(p.models) or 'A, B'} into BASE using "
+                            f"{self.method}(...)`)")
+        names = ([p.base] if p.base else []) + list(p.models)
+        if not p.models:
+            problems.append("name at least one model to merge")
+            return problems
+        # The checker has verified the names; compare the skeletons we were given.
+        present = [n for n in dict.fromkeys(names) if n in models]
+        problems += compatibility_problems({n: shapes_of(models[n]) for n in present})
+        if not problems:
+            problems += self.extra_checks({n: models[n] for n in present})
+        return problems
+
+    def extra_checks(self, models: dict[str, nn.Module]) -> list[str]:
+        return []
+
+    # --- run time ------------------------------------------------------------------------
+    def resolve(self, ctx: RunContext) -> tuple[nn.Module | None, list[nn.Module]]:
+        p = self.params
+        for n in ([p.base] if p.base else []) + list(p.models):
+            if n not in ctx.models:
+                raise PassError(f"model `{n}` is not loaded", hint="declare it with `model NAME = ...`")
+        if self.needs_base and p.base is None:
+            raise PassError(f"`{self.method}` needs a base model", hint="write `... into BASE`")
+        base = ctx.models[p.base] if p.base else None
+        models = [ctx.models[n] for n in p.models]
+        if not models:
+            raise PassError("name at least one model to merge")
+        named = {n: shapes_of(ctx.models[n]) for n in dict.fromkeys(
+            ([p.base] if p.base else []) + list(p.models))}
+        probs = compatibility_problems(named)
+        if probs:
+            raise PassError(probs[0], hint="only models of the same architecture and shapes merge")
+        return base, models
+
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+        p = self.params
+        base, models = self.resolve(ctx)
+        ref = base if base is not None else models[0]
+        merger = self.merger_cls(p, seed=ctx.seed)
+        with torch.no_grad():
+            sd, n = merge_state_dicts(
+                merger, None if base is None else base.state_dict(),
+                [m.state_dict() for m in models], tensor_kinds(ref), p.exclude, ctx.progress)
+            out = copy.deepcopy(ref)
+            out.load_state_dict(sd)
+        ctx.model = out
+        notes = []
+        if base is not None and not merger.needs_base:
+            notes.append(f"`{self.method}` does not use a base; `into {p.base}` only picks the "
+                         "architecture copied")
+        return StepReport(modules=len(models), parameters=n,
+                          metrics={"models": list(p.models), "base": p.base,
+                                   "method": self.method, **self.metrics(merger)},
+                          notes=notes)
+
+    def metrics(self, merger: TensorMerger) -> dict[str, Any]:
+        return {}

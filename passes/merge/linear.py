@@ -1,0 +1,37 @@
+"""Weighted averaging (model soups): theta = sum_i w_i theta_i / sum_i w_i."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from surgery.registry import register
+
+from .common import MergeParams, MergePass, TensorMerger
+
+
+def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                 normalize: bool = True) -> torch.Tensor:
+    acc = sum(w * t.float() for w, t in zip(weights, tensors))
+    if normalize:
+        acc = acc / sum(weights)
+    return acc.to(tensors[0].dtype)
+
+
+class LinearParams(MergeParams):
+    weights: list[float] | None = None  # one per model; default uniform
+    normalize: bool = True
+
+
+class _Linear(TensorMerger):
+    def merge(self, name, base, tensors, kind):
+        return linear_merge(tensors, self.weights(len(tensors)), self.p.normalize)
+
+
+@register
+class LinearMerge(MergePass):
+    method = "linear"
+    summary = "weighted average of the models' parameters"
+    Params = LinearParams
+    merger_cls = _Linear
