@@ -1,0 +1,185 @@
+"""Triton weight-only int4 / int8 matmul that dequantises inside the kernel.
+
+Implements ``surgery::int4_linear`` and ``surgery::int8_linear`` (defined with their reference in
+backends/ops/quant.py) for CUDA. Weight layout, per output row n and input column k::
+
+    int4: qweight (N, ceil(K/2)) uint8, element 2j in the low nibble, 2j+1 in the high nibble;
+          signed two's-complement nibbles when there are no zero points, unsigned otherwise
+    int8: qweight (N, K) int8 (symmetric) or uint8 (with zero points)
+    w[n, k] = (q[n, k] - z[n, k // group]) * s[n, k // group],  scales (N, G) fp32, zeros uint8
+
+Two paths (the weight bytes dominate traffic at decode, the FLOPs at prefill):
+
+- GEMV (few rows of x): each program owns BLOCK_N output channels of one row of x and streams
+  the packed bytes once, splitting each byte into its two nibbles against the even / odd x.
+- GEMM: BLOCK_M x BLOCK_N tiles; a BLOCK_K slab of the weight is dequantised to x's dtype in
+  registers and fed to ``tl.dot`` (fp32 accumulation), as the reference casts the dequantised
+  weight to x's dtype before ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from surgery.backends.triton.common import fp32_dots
+
+GEMV_MAX_ROWS = 4  # at most this many rows of x take the GEMV path
+
+
+@triton.jit
+def _nibble(byte, high, SIGNED: tl.constexpr):
+    code = ((byte >> (high * 4)) & 0xF).to(tl.int32)
+    if SIGNED:
+        code = tl.where(code >= 8, code - 16, code)
+    return code.to(tl.float32)
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, offs_n, n_ok, col, col_ok, G, GROUP, HAS_ZEROS: tl.constexpr):
+    gi = col // GROUP
+    m = n_ok[:, None] & col_ok[None, :]
+    s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=m, other=0.0)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=m, other=0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s)
+    return s, z
+
+
+@triton.jit
+def _gemv_int4(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m, sq_n, sy_m,
+               SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, (K + 1) // 2, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)  # byte index along K
+        k_even = 2 * offs_b
+        k_odd = k_even + 1
+        ok_e = k_even < K
+        ok_o = k_odd < K
+        byte = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * sq_n + offs_b[None, :],
+                       mask=n_ok[:, None] & ok_e[None, :], other=0)
+        xe = tl.load(x_ptr + row * sx_m + k_even, mask=ok_e, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + row * sx_m + k_odd, mask=ok_o, other=0.0).to(tl.float32)
+        se, ze = _group_params(s_ptr, z_ptr, offs_n, n_ok, k_even, ok_e, G, GROUP, HAS_ZEROS)
+        so, zo = _group_params(s_ptr, z_ptr, offs_n, n_ok, k_odd, ok_o, G, GROUP, HAS_ZEROS)
+        we = (_nibble(byte, 0, SIGNED) - ze) * se
+        wo = (_nibble(byte, 1, SIGNED) - zo) * so
+        acc += tl.sum(we * xe[None, :] + wo * xo[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * sy_m + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_int8(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m, sq_n, sy_m,
+               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        q = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * sq_n + offs_k[None, :],
+                    mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+        x = tl.load(x_ptr + row * sx_m + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        s, z = _group_params(s_ptr, z_ptr, offs_n, n_ok, offs_k, k_ok, G, GROUP, HAS_ZEROS)
+        acc += tl.sum((q - z) * s * x[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * sy_m + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemm(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, GROUP, sx_m, sq_n, sy_m,
+          BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr,
+          HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * sx_m + offs_k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        if BITS == 4:
+            byte = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * sq_n + offs_k[None, :] // 2,
+                           mask=wmask, other=0)
+            q = _nibble(byte, (offs_k % 2)[None, :], SIGNED)
+        else:
+            q = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * sq_n + offs_k[None, :],
+                        mask=wmask, other=0).to(tl.float32)
+        s, z = _group_params(s_ptr, z_ptr, offs_n, n_ok, offs_k, k_ok, G, GROUP, HAS_ZEROS)
+        w = (q - z) * s  # (BLOCK_N, BLOCK_K) fp32
+        if IEEE:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * sy_m + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                 in_features: int | None = None, gemv_max_rows: int = GEMV_MAX_ROWS,
+                 block_m: int = 32, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """``x @ dequant(qweight).T + bias`` with in-kernel dequantisation; GEMV or GEMM by rows."""
+    n = qweight.shape[0]
+    k = in_features if bits == 4 else qweight.shape[1]
+    g = scales.shape[1]
+    if k % g:
+        raise ValueError(f"{g} groups do not divide in_features {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    qweight = qweight.contiguous()
+    scales = scales.to(torch.float32).contiguous()
+    zeros_t = zeros.contiguous() if zeros is not None else scales  # placeholder, never read
+    bias_t = bias.contiguous() if bias is not None else scales  # placeholder, never read
+    common = (x2, qweight, scales, zeros_t, bias_t, y)
+    flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
+    if m <= gemv_max_rows:
+        if bits == 4:
+            _gemv_int4[(triton.cdiv(n, block_n), m)](
+                *common, n, k, g, k // g, x2.stride(0), qweight.stride(0), y.stride(0),
+                SIGNED=zeros is None, BLOCK_N=block_n, BLOCK_B=block_k // 2, **flags)
+        else:
+            _gemv_int8[(triton.cdiv(n, block_n), m)](
+                *common, n, k, g, k // g, x2.stride(0), qweight.stride(0), y.stride(0),
+                BLOCK_N=block_n, BLOCK_K=block_k, **flags)
+    else:
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        _gemm[grid](*common, m, n, k, g, k // g, x2.stride(0), qweight.stride(0), y.stride(0),
+                    BITS=bits, SIGNED=zeros is None, IEEE=fp32_dots(x.dtype), BLOCK_M=block_m,
+                    BLOCK_N=block_n, BLOCK_K=block_k, **flags)
+    return y.reshape(*lead, n)
+
+
+def int4_linear(x, qweight, scales, zeros, bias, in_features, **kw):
+    return quant_linear(x, qweight, scales, zeros, bias, 4, in_features, **kw)
+
+
+def int8_linear(x, qweight, scales, zeros, bias, **kw):
+    return quant_linear(x, qweight, scales, zeros, bias, 8, **kw)

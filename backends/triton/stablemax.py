@@ -1,0 +1,156 @@
+"""Triton StableMax / log-StableMax, forward and backward (spec ops.md §3.5).
+
+Rows that fit on chip (``n <= max_fused``) are read once and written once: one program per row
+holds the whole row. Longer rows use two passes over tiles: pass 1 sums s(x), pass 2 writes.
+StableMax needs no running max (it is not shift-invariant), so the two-pass form is exact.
+Padded lanes contribute exactly 0 (a select, never -inf arithmetic). Math in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from surgery.backends.triton.common import as_rows, from_rows
+
+MAX_FUSED = 16384  # longest row kept whole in registers (fp32: 64 KB per program)
+TILE = 2048  # tile of the two-pass path
+
+
+@triton.jit
+def _s_terms(x, mask):
+    # s(x), log s(x) and s'(x) with padded lanes set to 0 (s, s') and 0 (log s).
+    neg = x < 0
+    inv = 1.0 / (1.0 - x)
+    s = tl.where(mask, tl.where(neg, inv, x + 1.0), 0.0)
+    ds = tl.where(mask, tl.where(neg, inv * inv, 1.0), 0.0)
+    logs = tl.where(neg, -tl.log(1.0 - x), tl.log(1.0 + x))
+    return s, logs, ds
+
+
+@triton.jit
+def _fwd_fused(x_ptr, y_ptr, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
+    s, logs, _ = _s_terms(x, mask)
+    total = tl.sum(s, axis=0)
+    if LOG:
+        y = logs - tl.log(total)
+    else:
+        y = s / total
+    tl.store(y_ptr + row * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_two_pass(x_ptr, y_ptr, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
+        s, _, _ = _s_terms(x, mask)
+        acc += s
+    total = tl.sum(acc, axis=0)
+    log_total = tl.log(total)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
+        s, logs, _ = _s_terms(x, mask)
+        if LOG:
+            y = logs - log_total
+        else:
+            y = s / total
+        tl.store(y_ptr + row * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad(x, g, s, ds, total, gsum, gs_sum, LOG: tl.constexpr):
+    # log:  dx = g / (1 + |x|) - sum(g) * s' / S ;  plain: dx = s' / S * (g - sum(g * s) / S)
+    if LOG:
+        return g / (1.0 + tl.abs(x)) - gsum * ds / total
+    else:
+        return ds / total * (g - gs_sum / total)
+
+
+@triton.jit
+def _bwd_fused(x_ptr, g_ptr, dx_ptr, n, sx, sg, sd, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * sg + offs, mask=mask, other=0.0).to(tl.float32)
+    s, _, ds = _s_terms(x, mask)
+    total = tl.sum(s, axis=0)
+    gsum = tl.sum(g, axis=0)
+    gs_sum = tl.sum(g * s, axis=0)
+    dx = _grad(x, g, s, ds, total, gsum, gs_sum, LOG)
+    tl.store(dx_ptr + row * sd + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_two_pass(x_ptr, g_ptr, dx_ptr, n, sx, sg, sd, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_gs = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * sg + offs, mask=mask, other=0.0).to(tl.float32)
+        s, _, _ = _s_terms(x, mask)
+        acc_s += s
+        acc_g += g
+        acc_gs += g * s
+    total = tl.sum(acc_s, axis=0)
+    gsum = tl.sum(acc_g, axis=0)
+    gs_sum = tl.sum(acc_gs, axis=0)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * sg + offs, mask=mask, other=0.0).to(tl.float32)
+        s, _, ds = _s_terms(x, mask)
+        dx = _grad(x, g, s, ds, total, gsum, gs_sum, LOG)
+        tl.store(dx_ptr + row * sd + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def stablemax_forward(x: torch.Tensor, dim: int = -1, log: bool = False,
+                      max_fused: int = MAX_FUSED, tile: int = TILE) -> torch.Tensor:
+    """(log-)StableMax over ``dim`` with the Triton kernels."""
+    rows, shape, d = as_rows(x, dim)
+    n = rows.shape[1]
+    out = torch.empty_like(rows)
+    if rows.shape[0] and n:
+        if n <= max_fused:
+            block = triton.next_power_of_2(n)
+            _fwd_fused[(rows.shape[0],)](rows, out, n, rows.stride(0), out.stride(0), LOG=log,
+                                         BLOCK=block, num_warps=_warps(block))
+        else:
+            _fwd_two_pass[(rows.shape[0],)](rows, out, n, rows.stride(0), out.stride(0), LOG=log,
+                                            BLOCK=tile, num_warps=_warps(tile))
+    return from_rows(out, shape, d)
+
+
+def stablemax_backward(x: torch.Tensor, grad: torch.Tensor, dim: int = -1, log: bool = False,
+                       max_fused: int = MAX_FUSED, tile: int = TILE) -> torch.Tensor:
+    """Gradient of (log-)StableMax w.r.t. x with the Triton kernels."""
+    rows, shape, d = as_rows(x, dim)
+    grows, _, _ = as_rows(grad.to(x.dtype), dim)
+    n = rows.shape[1]
+    out = torch.empty_like(rows)
+    if rows.shape[0] and n:
+        kernel, block = ((_bwd_fused, triton.next_power_of_2(n)) if n <= max_fused
+                         else (_bwd_two_pass, tile))
+        kernel[(rows.shape[0],)](rows, grows, out, n, rows.stride(0), grows.stride(0),
+                                 out.stride(0), LOG=log, BLOCK=block, num_warps=_warps(block))
+    return from_rows(out, shape, d)
