@@ -106,9 +106,8 @@ def _forward_all(m1, m2, x):
             m(*x) if isinstance(x, (tuple, list)) else m(x)
 
 
-def fit_closed_form(merged, m1, m2, plans: list[LayerPlan], batches, ridge: float = 1e-4,
-                    progress=None) -> dict[str, tuple[float, float]]:
-    """Returns {layer: (mse before, mse after)} on the fitting data."""
+def accumulate(merged, m1, m2, plans: list[LayerPlan], batches, progress=None) -> dict:
+    """Per layer: [X^T X, X^T Y, sum Y^2, count] in float64 (X with a ones column for the bias)."""
     cap1, cap2 = _Inputs(m1, [p.src1 for p in plans]), _Inputs(m2, [p.src2 for p in plans])
     acc: dict[str, list] = {}
     try:
@@ -134,14 +133,32 @@ def fit_closed_form(merged, m1, m2, plans: list[LayerPlan], batches, ridge: floa
     finally:
         cap1.remove()
         cap2.remove()
+    return acc
+
+
+def _augmented(layer) -> Tensor:
+    W = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    b = layer.bias.detach().double() if layer.bias is not None else \
+        torch.zeros(W.shape[0], dtype=torch.float64)
+    return torch.cat([W, b[:, None]], 1)  # (out, D+1)
+
+
+def layer_losses(merged, m1, m2, plans, batches) -> dict[str, float]:
+    """Teacher-forced MSE of each layer's current weights (the objective both solvers minimise)."""
+    acc = accumulate(merged, m1, m2, plans, batches)
+    return {p.path: _mse(_augmented(merged.get_submodule(p.path)), *acc[p.path]) for p in plans}
+
+
+def fit_closed_form(merged, m1, m2, plans: list[LayerPlan], batches, ridge: float = 1e-4,
+                    progress=None) -> dict[str, tuple[float, float]]:
+    """Returns {layer: (mse before, mse after)} on the fitting data."""
+    acc = accumulate(merged, m1, m2, plans, batches, progress)
     losses = {}
     for p in plans:
         layer = merged.get_submodule(p.path)
         G, H, yy, count = acc[p.path]
-        W = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(W.shape[0],
-                                                                                   dtype=torch.float64)
-        Wa = torch.cat([W, b[:, None]], 1)  # (out, D+1)
+        Wa = _augmented(layer)
+        W = layer.weight
         before = _mse(Wa, G, H, yy, count)
         k = W.shape[1] // p.in_b.width  # conv: kernel positions per input channel
         new = Wa.clone()
@@ -216,7 +233,7 @@ def fit_adam(merged, m1, m2, plans: list[LayerPlan], batches, steps: int = 400, 
                     layers[p.path].weight.grad.mul_(masks[p.path])
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if t:
                     t.advance()
     finally:

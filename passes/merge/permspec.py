@@ -34,7 +34,7 @@ class PermGroup:
     key: str  # "tensor:axis" of the producing parameter axis
     size: int
     state: list[tuple[str, int]]  # (tensor name, axis) permuted together
-    nodes: list[tuple[str, str, int]] = field(default_factory=list)  # (unit, fx node, axis)
+    nodes: list[tuple[str, str, int]] = field(default_factory=list)  # (unit, node, axis<0)
 
 
 @dataclass
@@ -333,6 +333,7 @@ def derive_spec(model: nn.Module, example_inputs: tuple | None = None) -> PermSp
 def _derive_units(model, units: dict, notes: list[str]) -> PermSpec:
     uf, io = _UF(), set()
     sizes: dict = {}
+    ranks: dict = {}
     for unit, (gm, ex) in units.items():
         sub = model.get_submodule(unit) if unit else model
         ex = ex if ex is not None else _example_for(sub)
@@ -343,6 +344,7 @@ def _derive_units(model, units: dict, notes: list[str]) -> PermSpec:
             linker.run(*ex)
         sub.train(was)
         for name, shp in linker.shapes.items():
+            ranks[(unit, name)] = len(shp)
             for i, s in enumerate(shp):
                 sizes[("n", unit, name, i)] = s
     state = dict(model.state_dict(keep_vars=True))
@@ -369,7 +371,8 @@ def _derive_units(model, units: dict, notes: list[str]) -> PermSpec:
         if size <= 1:
             continue
         key = min(st, key=lambda ki: (order.get(ki[0], 1 << 30), -ki[1]))
-        nodes = sorted({(a[1], a[2], a[3]) for a in axes if a[0] == "n"})
+        # Node axes counted from the end, so inputs with other leading (batch) dims still match.
+        nodes = sorted({(a[1], a[2], a[3] - ranks[(a[1], a[2])]) for a in axes if a[0] == "n"})
         groups.append(PermGroup(f"{key[0]}:{key[1]}", size, st, nodes))
     groups.sort(key=lambda g: order.get(g.key.rsplit(":", 1)[0], 1 << 30))
     return PermSpec(groups, {u: gm for u, (gm, _) in units.items()}, notes)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, field_validator, model_validator
 
-from surgery.passapi import DataRef, PassError, StepReport, replace_module
+from surgery.passapi import PassError, StepReport, replace_module
 from surgery.registry import register
 
 from .bn import has_batchnorm, recompute_bn_stats
@@ -128,7 +128,7 @@ def pleas_merge(m1: nn.Module, m2: nn.Module, batches: list, *, width: float = 1
 
 
 class PleasParams(MergeParams):
-    data: DataRef | None = None
+    data: str | None = None  # names a `data` declaration
     width: float = Field(1.0, description="budget: 1 = fully merged ... 2 = ensemble")
     strategy: Literal["uniform", "stagewise"] = "uniform"
     group_widths: dict[str, float] = {}

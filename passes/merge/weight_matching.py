@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
-from surgery.passapi import DataRef, PassError, StepReport
+from surgery.passapi import PassError, StepReport
 from surgery.registry import register
 
 from .bn import has_batchnorm, recompute_bn_stats
@@ -60,7 +60,7 @@ def interpolate(states: list[dict], weights: list[float]) -> dict:
 
 class WeightMatchingParams(MergeParams):
     matching: Literal["weight", "activation"] = "weight"
-    data: DataRef | None = None
+    data: str | None = None  # names a `data` declaration
     similarity: Literal["neg_l2", "inner", "pearson"] = "neg_l2"
     max_iter: int = Field(100, ge=1)
     seed: int = 0
