@@ -120,7 +120,8 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
         paths = resolve(step.selector, model)
         targets = _expand(pass_obj, model, paths)
         if paths and not targets:
-            kinds = ", ".join(t.__name__ for t in pass_obj.leaf_types)
+            names = [t.__name__ for t in pass_obj.leaf_types]
+            kinds = " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
             diags.append(Diagnostic(
                 "E0401", f"the selector matches {len(paths)} module(s) but none is a {kinds}, "
                          f"which `{step.verb} ... {step.method}` works on", step.selector.span,
@@ -143,6 +144,10 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
             d.source = program.source
         raise SurgeryError(diags)
     return Plan(program, rows, subject_source, skeleton, states)
+
+
+_PAST = {State.MASKED: "pruned", State.QUANTIZED: "quantized", State.ADAPTED: "given adapters",
+         State.SWAPPED: "attention-swapped", State.LOWERED: "lowered", State.MERGED: "merged"}
 
 
 def _check_states(pass_obj, step: Step, modules: dict[str, nn.Module],
@@ -171,10 +176,10 @@ def _check_states(pass_obj, step: Step, modules: dict[str, nn.Module],
         reason = cls.refusals.get(st, f"`{step.verb} using {step.method}` does not accept "
                                       f"{st.value} modules")
         earlier = lines.get(line)
-        label = [Label(earlier.stmt.span, f"{st.value} here")] if earlier else []
+        label = [Label(earlier.stmt.span, f"{_PAST[st]} here")] if earlier else []
         diags.append(Diagnostic(
             "E0500", f"cannot {step.verb} {_module_list(paths)}: "
-                     f"{'it was' if len(paths) == 1 else 'they were'} made {st.value} at line "
+                     f"{'it was' if len(paths) == 1 else 'they were'} {_PAST[st]} at line "
                      f"{line}", step.stmt.span, help=reason, labels=label))
     if not diags:
         for path in modules:

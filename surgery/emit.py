@@ -78,7 +78,7 @@ def save(model: nn.Module, path: str | Path, manifest: dict[str, Any], tokenizer
             cfg = config.to_dict()
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
         save_file({k: tensors[k] for k in sorted(tensors)}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt", "producer": "surgery"})
+                  metadata={"format": "pt"})  # one key: safetensors orders keys randomly
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))

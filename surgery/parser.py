@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast as pyast
 import re
+import warnings
 from functools import lru_cache
 from importlib import resources
 
@@ -119,7 +120,9 @@ class _ToAst(Transformer):
     def string(self, meta, children):
         tok = children[0]
         try:
-            value = pyast.literal_eval(str(tok))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown escapes like "\:" stay as written
+                value = pyast.literal_eval(str(tok))
         except (ValueError, SyntaxError):
             value = str(tok)[1:-1]
         return ast.String(value=value, span=self._span(meta))
