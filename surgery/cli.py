@@ -140,13 +140,26 @@ def _show(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def params_schema(pass_cls) -> dict:
+    """JSON schema of a pass's parameters; fields of types JSON Schema cannot express (such as
+    tensors or callables) are described by their Python type instead of failing."""
+    from pydantic.json_schema import GenerateJsonSchema
+
+    class Lenient(GenerateJsonSchema):
+        def handle_invalid_for_json_schema(self, schema, error_info):
+            return {"description": f"Python value ({error_info})"}
+
+    schema = pass_cls.Params.model_json_schema(schema_generator=Lenient)
+    schema["description"] = pass_cls.summary or schema.get("description", "")
+    return schema
+
+
 def cmd_passes(args, console) -> int:
     from surgery import registry
 
     passes = registry.all_passes()
     if args.schema:
-        print(json.dumps({f"{p.verb}/{p.method}": p.Params.model_json_schema() for p in passes},
-                         indent=2))
+        print(json.dumps({f"{p.verb}/{p.method}": params_schema(p) for p in passes}, indent=2))
         return EXIT_OK
     from rich.table import Table
 
@@ -168,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = _parser().parse_args(argv)
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True, soft_wrap=True)
     handler = {"check": cmd_check, "plan": cmd_plan, "apply": cmd_apply,
                "passes": cmd_passes}[args.command]

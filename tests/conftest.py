@@ -31,15 +31,32 @@ def tiny_llama():
     return model
 
 
+def tiny_tokenizer():
+    """A 256-token byte-level BPE trained on pydoc text (fits the tiny models' vocab)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from surgery.data import pydoc_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([pydoc_text()[:50_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
 @pytest.fixture
 def tiny_hf_dir(tmp_path):
-    """A tiny LLaMA saved as an HF directory (config.json + model.safetensors)."""
+    """A tiny LLaMA saved as an HF directory (config.json + model.safetensors + tokenizer)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
     d = tmp_path / "tiny-llama"
     model.save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(d)
     return d
 
 

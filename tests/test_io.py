@@ -50,8 +50,8 @@ def test_apply_save_load_bit_identical(tiny_hf_dir, tmp_path):
 
 def test_same_script_twice_gives_identical_bytes(tiny_hf_dir, tmp_path):
     digests = []
-    for i in range(2):
-        out = tmp_path / f"out{i}"
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run replaces the first artifact
         surgery.apply(None, f'model base = "hf:{tiny_hf_dir}"\n' + SCRIPT + f'save "{out}"\n')
         digests.append(tree_digest(out))
     assert digests[0]["model.safetensors"] == digests[1]["model.safetensors"]
