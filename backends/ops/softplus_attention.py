@@ -16,7 +16,7 @@ Dividing by the row max before the power is the spec's overflow fix (``(N A - 1)
 fp32 once a row concentrates); it is identical after the normalisation. A row whose x are all
 <= 0 falls back to its LSSA row (``fallback_on_empty=True``) or gives zeros (the reference code's
 behaviour). A row with no visible key gives zeros. Norms use ``F.normalize`` (|q| clamped at
-1e-12). Math in float32; the result has q's dtype.
+1e-12). Math in float32 (float64 stays float64); the result has q's dtype.
 
 The default implementation is this plain-PyTorch reference (the CPU path and the test oracle);
 ``surgery.backends.triton`` registers a tiled Triton forward for CUDA. Backward re-runs the
@@ -56,21 +56,23 @@ def softplus_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  fallback_on_empty: bool = True) -> torch.Tensor:
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    qf = F.normalize(q.float(), dim=-1)
-    kf = F.normalize(_expand_kv(k, h).float(), dim=-1)
-    vf = _expand_kv(v, h).float()
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = F.normalize(q.to(cd), dim=-1)
+    kf = F.normalize(_expand_kv(k, h).to(cd), dim=-1)
+    vf = _expand_kv(v, h).to(cd)
     vis = visibility(b, lq, lk, causal, key_mask, q.device)
-    n = vis.sum(-1, keepdim=True).float()  # (B|1, 1, Lq, 1)
+    n = vis.sum(-1, keepdim=True).to(cd)  # (B|1, 1, Lq, 1)
     scale = math.log(d) * torch.log(n.clamp(min=1.0))
     z = scale * (qf @ kf.transpose(-1, -2))
     a = torch.where(vis, F.softplus(z), torch.zeros_like(z))
     attn = a / (a.sum(-1, keepdim=True) + eps)
     if power > 0:
-        offset = (n > 3).float()
+        offset = (n > 3).to(cd)
         x = torch.where(vis, n * attn - offset, torch.zeros_like(attn)).clamp(min=0.0)
         m = x.amax(-1, keepdim=True)
-        r = (x / m.clamp(min=torch.finfo(torch.float32).tiny)) ** power
-        r = r / r.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        tiny = torch.finfo(cd).tiny
+        r = (x / m.clamp(min=tiny)) ** power
+        r = r / r.sum(-1, keepdim=True).clamp(min=tiny)
         empty = m <= 0
         attn = torch.where(empty, attn if fallback_on_empty else torch.zeros_like(attn), r)
     return (attn @ vf).to(q.dtype)
