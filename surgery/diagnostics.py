@@ -163,7 +163,6 @@ CODES: dict[str, str] = {
     "E0401": "selected module cannot take this pass",
     "E0402": "shape or divisibility error",
     "E0403": "invalid glob or regular expression",
-    "E0404": "unknown module type",
     # state order
     "E0500": "illegal order of passes",
     # models and files

@@ -127,6 +127,7 @@ class Runner:
 
     def run(self, subject: LoadedModel, *, output: str | None = None) -> Result:
         program = self.program
+        check_output_path(program, output or program.save_path)
         torch.manual_seed(self.seed)
         others = self._other_models(subject)
         plan = bind(program, subject.model, subject_source=subject.source,
@@ -232,6 +233,22 @@ class Runner:
                     source=self.program.source))
         if failed:
             raise SurgeryError(failed)
+
+
+def check_output_path(program: CheckedProgram, path: str | None) -> None:
+    """Refuse, before any work, to replace something that is not a surgery artifact."""
+    if path is None:
+        return
+    p = Path(path)
+    problem = None
+    if p.exists() and not p.is_dir():
+        problem = f"`{path}` exists and is a file"
+    elif p.is_dir() and any(p.iterdir()) and not (p / "surgery.json").exists():
+        problem = f"`{path}` is a non-empty directory that surgery did not write"
+    if problem:
+        raise SurgeryError(Diagnostic("E0802", f"refusing to replace {problem}",
+                                      program.save_span, source=program.source,
+                                      help="choose a new output path or remove it first"))
 
 
 def subject_for(program: CheckedProgram, model, *, skeleton: bool,

@@ -99,3 +99,9 @@ def test_json_form():
     assert j["code"] == "E0101" and j["file"] == "x.surg"
     assert j["location"] == {"line": 1, "column": 1, "end_line": 1, "end_column": 9}
     assert "quantize" in j["help"]
+
+
+def test_every_code_is_documented():
+    doc = (Path(__file__).parent.parent / "docs" / "language.md").read_text()
+    missing = [c for c in CODES if f"| {c} |" not in doc]
+    assert not missing, f"codes missing from docs/language.md: {missing}"
