@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, State, StepReport,
                              replace_module)
-from surgery.passes.adapters.common import float_weight
+from surgery.passes.adapters.common import float_weight, is_linear_like
 from surgery.passes.adapters.layers import AdapterLayer, BoneLinear, LoraLinear
 from surgery.registry import register
 
@@ -85,7 +85,10 @@ class MergeAdapters(ModulePass):
     method = "adapters"
     summary = "fold LoRA / Bone adapters into the base weights (Python API: unmerge)"
     Params = MergeAdaptersParams
-    leaf_types = (LoraLinear, BoneLinear)
+    # Binding runs on the model before `adapt` has wrapped anything, so the targets are the same
+    # linear paths that `adapt` selected (their ADAPTED state is tracked by path); at run time
+    # those paths hold the wrappers.
+    leaf_types = (nn.Linear, LoraLinear, BoneLinear)
     accepts = frozenset({State.ADAPTED, State.MERGED, State.SWAPPED, State.LOWERED})
     requires = frozenset({State.ADAPTED})
     consumes = frozenset({State.ADAPTED})
@@ -95,16 +98,25 @@ class MergeAdapters(ModulePass):
                       "keep the adapter unmerged",
     }
 
+    def is_leaf(self, module: nn.Module) -> bool:
+        return isinstance(module, AdapterLayer) or is_linear_like(module)
+
     def check_module(self, path: str, module: nn.Module) -> str | None:
-        if not isinstance(module, AdapterLayer):
-            return f"{type(module).__name__} carries no adapter to merge"
-        return _cannot_merge(path, module)
+        if isinstance(module, AdapterLayer):
+            return _cannot_merge(path, module)
+        if is_linear_like(module):
+            return None  # plan time: the adapter is attached by an earlier line
+        return f"{type(module).__name__} carries no adapter to merge"
 
     def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
-        report = StepReport(modules=len(modules))
+        report = StepReport()
+        skipped = [p for p, m in modules.items() if not isinstance(m, AdapterLayer)]
+        modules = {p: m for p, m in modules.items() if isinstance(m, AdapterLayer)}
+        if skipped:  # e.g. EVA gave the layer rank 0, so it never got an adapter
+            report.notes.append(f"{len(skipped)} selected layer(s) carry no adapter, e.g. {skipped[0]}")
         with ctx.progress.task("merge adapters", total=len(modules)) as task:
             for path, layer in modules.items():
-                reason = self.check_module(path, layer)
+                reason = _cannot_merge(path, layer)
                 if reason:
                     raise PassError(reason, module=path)
                 w = float_weight(layer.base_layer)
@@ -112,7 +124,7 @@ class MergeAdapters(ModulePass):
                 report.parameters += w.numel()
                 report.per_module[path] = {"adapter": layer.kind}
                 task.advance()
-        report.metrics["merged"] = len(modules)
+        report.modules = report.metrics["merged"] = len(modules)
         report.notes.append("adapters folded into the base weights "
                             "(surgery.passes.adapters.unmerge(model) restores them)")
         return report
