@@ -17,25 +17,33 @@ Tensor = torch.Tensor
 def trim_topk(T: Tensor, density: float, compat: str = "exact") -> Tensor:
     """Keep the largest-magnitude entries of each row of T (N, d).
 
-    exact (mergekit): exactly int(density*d) entries, ties broken by index.
+    exact (mergekit): exactly int(density*d) entries per row (torch.topk).
     ties_ref (original TIES / MergeLM): threshold at the k_drop-th smallest magnitude with
     k_drop = d - int(d*density), keep |T| >= threshold: one extra entry (more with ties)."""
     if density >= 1.0:
         return T.clone()
     d = T.shape[1]
-    mag = T.abs()
     if compat == "ties_ref":
         k_drop = d - int(d * density)
         if k_drop <= 0:
             return T.clone()
-        thr = mag.kthvalue(k_drop, dim=1, keepdim=True).values
-        return T * (mag >= thr)
+        thr = T.abs().kthvalue(k_drop, dim=1, keepdim=True).values
+        return T * (T.abs() >= thr)
     k = int(d * density)
-    mask = torch.zeros_like(T, dtype=torch.bool)
-    if k > 0:
-        idx = torch.argsort(-mag, dim=1, stable=True)[:, :k]
-        mask.scatter_(1, idx, True)
-    return T * mask
+    out = torch.zeros_like(T)
+    if k == 0:
+        return out
+    for i in range(T.shape[0]):  # row by row: the working set stays a few rows, not N x d x 8
+        a = T[i].abs()
+        thr = a.kthvalue(d - k + 1).values  # the k-th largest magnitude
+        keep = a > thr
+        eq = a == thr
+        need = k - int(keep.sum())
+        if need < int(eq.sum()):  # ties at the threshold: the lowest indices win
+            eq = torch.zeros_like(eq).index_fill_(0, eq.nonzero().squeeze(1)[:need], True)
+        keep |= eq
+        out[i] = T[i] * keep
+    return out
 
 
 def elect_sign(T: Tensor) -> Tensor:
@@ -47,20 +55,88 @@ def elect_sign(T: Tensor) -> Tensor:
     return torch.where(gamma == 0, majority, gamma)
 
 
+CHUNK = 1 << 18  # columns per step: bounds the temporaries of large tensors
+
+
 def disjoint_merge(T: Tensor, gamma: Tensor, how: str = "mean") -> Tensor:
-    keep = ((gamma > 0) & (T > 0)) | ((gamma < 0) & (T < 0))
-    sel = T * keep
-    if how == "sum":
-        return sel.sum(0)
-    if how == "max":
-        return (sel.abs().max(0).values * gamma)
-    return sel.sum(0) / keep.sum(0).clamp_min(1)
+    """Combine the entries that agree with the elected sign (column chunks: columns are
+    independent, and temporaries stay small)."""
+    out = torch.empty(T.shape[1], dtype=T.dtype)
+    for j in range(0, T.shape[1], CHUNK):
+        t, g = T[:, j:j + CHUNK], gamma[j:j + CHUNK]
+        keep = (t * g) > 0  # same sign as gamma (zeros never count)
+        sel = t * keep
+        if how == "sum":
+            out[j:j + CHUNK] = sel.sum(0)
+        elif how == "max":
+            out[j:j + CHUNK] = sel.abs().max(0).values * g
+        else:
+            out[j:j + CHUNK] = sel.sum(0) / keep.sum(0, dtype=t.dtype).clamp_min(1)
+    return out
 
 
 def ties_combine(T: Tensor, density: float, compat: str = "exact", how: str = "mean") -> Tensor:
     """Merged task vector tau_m (d,) from stacked task vectors T (N, d)."""
     Th = trim_topk(T, density, compat)
     return disjoint_merge(Th, elect_sign(Th), how)
+
+
+def ties_lean(base: Tensor, tensors: list[Tensor], density: float, compat: str = "exact",
+              how: str = "mean") -> Tensor:
+    """ties_combine for one tensor with a working set of a few copies of it, whatever the number
+    of models: per-model thresholds first, then column chunks recomputed from the inputs.
+    Identical results (tested)."""
+    ct = torch.promote_types(base.dtype, torch.float32)  # float64 stays float64
+    b = base.reshape(-1).to(ct)
+    d = b.numel()
+    flat = [t.reshape(-1) for t in tensors]
+    k = int(d * density)
+    thr, quota = [], []
+    for t in flat:  # pass 1: each model's magnitude threshold (and how many ties it may keep)
+        if density >= 1.0 or (compat == "ties_ref" and d - k <= 0):
+            thr.append(None)
+            quota.append(0)
+            continue
+        a = (t.to(ct) - b).abs_()
+        if compat == "ties_ref":
+            thr.append(a.kthvalue(d - k).values)
+            quota.append(-1)  # keep every entry >= threshold
+        elif k == 0:
+            thr.append(torch.tensor(float("inf")))
+            quota.append(0)
+        else:
+            th = a.kthvalue(d - k + 1).values
+            thr.append(th)
+            quota.append(k - int((a > th).sum()))
+        del a
+
+    def trimmed(i, j, left):
+        tau = flat[i][j:j + CHUNK].to(ct) - b[j:j + CHUNK]
+        if thr[i] is None:
+            return tau
+        a = tau.abs()
+        if quota[i] < 0:
+            return tau * (a >= thr[i])
+        keep = a > thr[i]
+        eq = (a == thr[i]).nonzero().squeeze(1)[: left[i]]
+        left[i] -= eq.numel()
+        keep[eq] = True
+        return tau * keep
+
+    left = list(quota)
+    gsum = 0.0
+    for j in range(0, d, CHUNK):  # pass 2: the majority of the elected signs
+        T = torch.stack([trimmed(i, j, left) for i in range(len(flat))])
+        gsum += float(torch.sign(T.sum(0)).sum())
+    majority = 1.0 if gsum >= 0 else -1.0
+    out = torch.empty(d, dtype=ct)
+    left = list(quota)
+    for j in range(0, d, CHUNK):  # pass 3: elect and merge chunk by chunk
+        T = torch.stack([trimmed(i, j, left) for i in range(len(flat))])
+        g = torch.sign(T.sum(0))
+        g = torch.where(g == 0, torch.full_like(g, majority), g)
+        out[j:j + CHUNK] = disjoint_merge(T, g, how)
+    return out.view(base.shape)
 
 
 class TiesParams(MergeParams):
@@ -82,8 +158,9 @@ class _Ties(TensorMerger):
         return self.p.lam * ties_combine(T, self.p.density, self.p.compat, self.p.disjoint)
 
     def merge(self, name, base, tensors, kind):
-        T = torch.stack([(t.float() - base.float()).reshape(-1) for t in tensors])
-        return (base.float() + self.combine(T).view(base.shape)).to(base.dtype)
+        p = self.p
+        tau = ties_lean(base, list(tensors), p.density, p.compat, p.disjoint)
+        return (base.to(tau.dtype) + tau.mul_(p.lam)).to(base.dtype)
 
 
 @register

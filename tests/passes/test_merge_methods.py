@@ -42,6 +42,20 @@ def test_ties_exact_topk_keeps_exactly_k():
     assert torch.equal(trim_topk(X, 1.0), X)
 
 
+def test_lean_ties_equals_reference_formulation():
+    from surgery.passes.merge.ties import CHUNK, ties_lean
+    g = torch.Generator().manual_seed(0)
+    d = CHUNK + 1000  # crosses a chunk boundary, with many tied magnitudes (rounded deltas)
+    base = torch.randn(d, generator=g)
+    ts = [base + torch.randn(d, generator=g).round(decimals=1) for _ in range(3)]
+    T = torch.stack([t - base for t in ts])
+    for density in (0.2, 0.5, 1.0):
+        for compat in ("exact", "ties_ref"):
+            for how in ("mean", "sum", "max"):
+                assert torch.equal(ties_lean(base, ts, density, compat, how),
+                                   ties_combine(T, density, compat, how))
+
+
 def test_pcb_golden():
     A = clamp_rows(T.abs(), 1e-4, 1e-4)
     close(A, [[0.5, 0.1, 0.3, 0, 0.5, 0.2], [0.4, 0.2, 0.1, 0.4, 0.1, 0.3],

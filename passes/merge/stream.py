@@ -1,0 +1,191 @@
+"""Streamed merging over safetensors checkpoints: tensors are read lazily (memory-mapped, one
+tensor of each input at a time), merged with the same `TensorMerger` the in-memory pass uses, and
+written to output shards as they fill. Peak memory is a small multiple of the largest tensor plus
+one output shard, not of the model. The output directory appears atomically.
+
+    from surgery.passes.merge.stream import stream_merge
+    stream_merge("ties", ["ckpt/a", "ckpt/b"], "out/merged", base="ckpt/base", density=0.2)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from surgery.atomic import atomic_dir
+from surgery.passapi import PassError
+from surgery.registry import get_pass
+
+from .common import TensorMerger, tensor_kinds
+from .taskvec import compatibility_problems, is_mergeable
+
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+class Checkpoint:
+    """A safetensors checkpoint (file, or directory of shards): names, shapes, lazy reads."""
+
+    def __init__(self, path: str | Path):
+        p = Path(str(path).removeprefix("hf:"))
+        files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
+        if not files:
+            raise PassError(f"`{path}` holds no *.safetensors files",
+                            hint="streamed merges read safetensors checkpoints")
+        self.dir = p if p.is_dir() else p.parent
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, str] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:  # reads the header only
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    self.where[k] = f
+                    self.shapes[k] = tuple(sl.get_shape())
+                    self.dtypes[k] = sl.get_dtype()
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def read(self, name: str) -> torch.Tensor:
+        # Open per read: the mapping is dropped afterwards, so pages of tensors already merged
+        # do not stay resident.
+        with safe_open(str(self.where[name]), framework="pt") as h:
+            return h.get_tensor(name)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so resident memory
+    tracks the tensors alive now rather than the high-water mark of earlier ones."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
+def _kinds(ck: Checkpoint) -> dict[str, str]:
+    cfg = ck.dir / "config.json"
+    if cfg.exists():
+        try:
+            from surgery.models import build_skeleton
+
+            return tensor_kinds(build_skeleton(json.loads(cfg.read_text())))
+        except Exception:  # not a transformers config: fall back to names and shapes
+            pass
+    out = {}
+    for k, s in ck.shapes.items():
+        if len(s) == 2 and k.endswith("weight"):
+            out[k] = "embedding" if "embed" in k else "matrix"
+    return out
+
+
+def stream_merge(method: str | TensorMerger, models: Sequence[str | Path], out: str | Path, *,
+                 base: str | Path | None = None, shard_bytes: int = 1 << 30, seed: int = 0,
+                 exclude: Sequence[str] = (), progress=None, **params) -> dict:
+    """Merge checkpoints tensor by tensor into `out` (sharded safetensors + index + config)."""
+    if isinstance(method, str):
+        P = get_pass("merge", method)
+        if P is None or not hasattr(P, "merger_cls") or P.merger_cls is TensorMerger:
+            raise PassError(f"`{method}` is not a parameter-space merge and cannot be streamed",
+                            hint="stream linear, task_arithmetic, ties, dare, pcb or widen")
+        names = [f"m{i}" for i in range(len(models))]
+        try:
+            prm = P.Params(models=names, base="base" if base else None, exclude=list(exclude),
+                           **params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            msg = err["msg"].removeprefix("Value error, ")
+            raise PassError(f"{method}: {where + ': ' if where else ''}{msg}",
+                            hint="pass base=... for task-vector methods") from None
+        merger = P.merger_cls(prm, seed=seed)
+    else:
+        merger = method
+    if merger.scope != "per_tensor":
+        raise PassError("scope=global needs every task vector in memory at once",
+                        hint="use scope=per_tensor for streamed merges")
+    if merger.needs_base and base is None:
+        raise PassError("this method needs a base checkpoint", hint="pass base=...")
+    cks = [Checkpoint(m) for m in models]
+    bck = Checkpoint(base) if base is not None else None
+    ref = bck or cks[0]
+    named = {("base" if bck else "m0"): ref.shapes}
+    named.update({f"m{i}": c.shapes for i, c in enumerate(cks) if c is not ref})
+    probs = compatibility_problems(named)
+    if probs:
+        raise PassError(probs[0], hint="only checkpoints of the same architecture merge")
+    kinds = _kinds(ref)
+    shards: list[dict[str, torch.Tensor]] = []
+    buf: dict[str, torch.Tensor] = {}
+    size = 0
+    merged = 0
+    weight_map: dict[str, str] = {}
+    with atomic_dir(out) as tmp:
+        written: list[Path] = []
+
+        def flush():
+            nonlocal buf, size
+            if buf:
+                f = tmp / f".part-{len(written):05d}.safetensors"
+                save_file(buf, str(f), metadata={"format": "pt"})
+                written.append(f)
+                for k in buf:
+                    weight_map[k] = f.name
+            buf, size = {}, 0
+
+        names = ref.names()
+        ctx = progress.task("streamed merge", total=len(names)) if progress else None
+        task = ctx.__enter__() if ctx else None
+        try:
+            with torch.no_grad():
+                for name in names:
+                    b = ref.read(name)
+                    if is_mergeable(name, b, exclude):
+                        ts = [c.read(name) for c in cks]
+                        t = merger.merge(name, b if bck else None, ts, kinds.get(name, "other"))
+                        del ts
+                        merged += t.numel()
+                    else:
+                        t = b
+                    buf[name] = t.contiguous()
+                    size += t.numel() * t.element_size()
+                    del b, t
+                    _release_freed_memory()
+                    if size >= shard_bytes:
+                        flush()
+                    if task:
+                        task.advance()
+                flush()
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+        n = len(written)
+        final = {}
+        for i, f in enumerate(written):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            f.rename(tmp / name)
+            final[f.name] = name
+        weight_map = {k: final[v] for k, v in weight_map.items()}
+        if n > 1:
+            total = sum((tmp / v).stat().st_size for v in set(weight_map.values()))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        for extra in _COPY:
+            if (ref.dir / extra).exists():
+                shutil.copy2(ref.dir / extra, tmp / extra)
+    return {"tensors": len(weight_map), "merged_parameters": merged, "shards": n}
