@@ -1,0 +1,132 @@
+"""Perplexity of SmolLM2-135M pruned with each method (issue: prune benchmark).
+
+Prunes every Linear inside the decoder blocks (`model.layers.*`; embeddings and the tied lm_head
+stay dense), calibrates on `pydoc` samples, evaluates on the disjoint pydoc evaluation split
+(seqlen 512). Each result is appended to a JSON-lines file as soon as it exists, so a partial run
+still reports; `--table FILE` prints the markdown table from such a file.
+
+    python benchmarks/prune.py --out /tmp/prune.jsonl
+    python benchmarks/prune.py --table /tmp/prune.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+
+import torch
+import torch.nn as nn
+
+CONFIGS = {  # name: (method, sparsity, extra params); ordered by what the issue checks first
+    "dense": None,
+    "sparsegpt 2:4": ("sparsegpt", "2:4", {}),
+    "wanda 2:4": ("wanda", "2:4", {}),
+    "magnitude 2:4": ("magnitude", "2:4", {}),
+    "wanda 60%": ("wanda", "60%", {}),
+    "wanda 60% + dsnot": ("wanda", "60%", {"refine": {}}),
+    "sparsegpt 50%": ("sparsegpt", "50%", {}),
+    "wanda 50%": ("wanda", "50%", {}),
+    "magnitude 50%": ("magnitude", "50%", {}),
+    "sparsegpt 60%": ("sparsegpt", "60%", {}),
+    "magnitude 60%": ("magnitude", "60%", {}),
+}
+
+
+def sparsity_value(text: str):
+    from surgery.passapi import NM, Percent
+
+    if ":" in text:
+        n, m = text.split(":")
+        return NM(n=int(n), m=int(m))
+    return Percent(value=float(text.rstrip("%")))
+
+
+def prune(model: nn.Module, method: str, sparsity: str, extra: dict, calib) -> dict:
+    from surgery.passapi import RunContext
+    from surgery.progress import Progress
+    from surgery.registry import get_pass
+
+    P = get_pass("prune", method)
+    kw = dict(extra)
+    if method != "magnitude" or "refine" in kw:
+        kw["data"] = "calib"
+    p = P(P.Params(sparsity=sparsity_value(sparsity), **kw))
+    targets = {n: m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
+    ctx = RunContext(model=model, models={}, data={"calib": calib}, progress=Progress())
+    return p.apply(ctx, targets).metrics
+
+
+def run(args) -> None:
+    from surgery.data import corpus
+    from surgery.evaluate import perplexity
+    from surgery.models import load_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    lm = load_model("zoo:smollm2-135m")
+    calib = corpus(lm.tokenizer, "pydoc", samples=args.samples, seqlen=args.seqlen, seed=0,
+                   name="calib")
+    evaluation = corpus(lm.tokenizer, "pydoc", samples=1, seqlen=512, seed=0,
+                        eval_windows=args.eval_windows).evaluation
+    base = lm.model.eval()
+    names = args.configs.split(",") if args.configs else list(CONFIGS)
+    for name in names:
+        spec = CONFIGS[name]
+        model = copy.deepcopy(base) if spec else base
+        t0 = time.perf_counter()
+        metrics = prune(model, *spec, calib) if spec else {}
+        prune_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ppl = perplexity(model, evaluation)
+        row = {"config": name, "ppl": ppl, "prune_s": prune_s,
+               "eval_s": time.perf_counter() - t1, "sparsity": metrics.get("sparsity", 0.0),
+               "dsnot_swaps": metrics.get("dsnot_swaps"),
+               "calib": f"{args.samples}x{args.seqlen}",
+               "eval_tokens": int(evaluation.numel()), "threads": args.threads,
+               "machine": platform.machine(), "torch": torch.__version__}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del model
+
+
+def table(path: str) -> str:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    dense = next((r["ppl"] for r in rows if r["config"] == "dense"), None)
+    out = ["| config | sparsity | perplexity | vs dense | prune time (s) | eval time (s) |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['ppl'] / dense:.2f}x" if dense else "-"
+        out.append(f"| {r['config']} | {r['sparsity']:.1%} | {r['ppl']:.2f} | {ratio} | "
+                   f"{r['prune_s']:.1f} | {r['eval_s']:.1f} |")
+    r0 = rows[0]
+    out.append("")
+    out.append(f"SmolLM2-135M, calibration {r0['calib']} pydoc tokens (seed 0), evaluation "
+               f"{r0['eval_tokens']} disjoint pydoc tokens at seqlen 512; torch {r0['torch']}, "
+               f"{r0['threads']} threads.")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=8, help="512-token evaluation windows")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default="", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    ap.add_argument("--out", default="", help="append JSON lines here")
+    ap.add_argument("--table", default="", help="print the markdown table of a results file")
+    args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
