@@ -130,7 +130,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if cls is None:
             raise error("E0600", f"`{d}` uses module type `{info['type']}`, which no installed "
                                  "pass provides", help="install the package that defines it")
-        replace_module(root, p, cls.from_surgery_config(info["config"]))
+        new = cls.from_surgery_config(info["config"])
+        replace_module(root, p, new)
+        if hasattr(new, "surgery_attach"):  # a marker module that re-wires its parent
+            parent_path = p.rpartition(".")[0]
+            new.surgery_attach(root.get_submodule(parent_path) if parent_path else root)
     try:
         state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError, Exception) as e:  # noqa: B014 - report any corruption
