@@ -66,15 +66,12 @@ def latency(fn, repeats: int) -> float:
 def ort_latency(model, ids, repeats, int4, tmp) -> tuple[float, float]:
     """ONNX Runtime latency (ms) and max relative logit difference vs PyTorch."""
     import numpy as np
-    import onnxruntime as ort
 
-    from surgery.backends.onnx import export_onnx
+    from surgery.backends.onnx import export_onnx, ort_session
 
     path = Path(tmp) / "model.onnx"
-    export_onnx(model, path, example=ids, int4=int4, verify=False)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    export_onnx(model, path, example=ids, int4=int4, verify=False, dynamic=False)
+    sess = ort_session(path, threads=torch.get_num_threads())
     feed = {sess.get_inputs()[0].name: ids.numpy()}
     out = sess.run(None, feed)[0]
     with torch.no_grad():
