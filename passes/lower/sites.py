@@ -89,6 +89,18 @@ def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 # -- swapped attention ---------------------------------------------------------------------------
 
+def _tracing(*tensors) -> bool:
+    """True under torch.compile / torch.export, where tensor values cannot be inspected."""
+    if torch.compiler.is_compiling():
+        return True
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    if exporting is not None and exporting():
+        return True
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(tensors) is not None
+
+
 def _kernel_mask(query, key, attn_mask, is_causal) -> tuple[bool, torch.Tensor | None] | None:
     """(causal, key_mask) when the SDPA mask is causal and/or key padding; else None."""
     from surgery.passes.attention import functional as AF
@@ -98,6 +110,8 @@ def _kernel_mask(query, key, attn_mask, is_causal) -> tuple[bool, torch.Tensor |
     b, lq, lk = query.shape[0], query.shape[-2], key.shape[-2]
     if attn_mask is None:
         return (True, None) if not is_causal or lq == lk else None
+    if _tracing(query, attn_mask):
+        return None  # the mask's values are unknown while tracing: keep the reference path
     visible, bias = AF.visible_from_mask(attn_mask)
     if bias is not None and bool(bias.any()):
         return None  # a finite additive bias (ALiBi ...) is not in the kernel
