@@ -214,12 +214,8 @@ class Checker:
 
     def _data(self, stmt: ast.DataStmt):
         src = stmt.source
-        if not isinstance(src, ast.Call) or src.func not in DATA_SOURCES:
-            name = src.func if isinstance(src, ast.Call) else None
-            self.c.add("E0206", f"unknown data source `{name}`" if name else
-                       "data is declared with corpus(...) or text(...)",
-                       src.func_span if isinstance(src, ast.Call) else src.span,
-                       help=did_you_mean(name or "", DATA_SOURCES, listing="data sources"))
+        if not self._known_call(src, DATA_SOURCES, "E0206", "data source", "data sources",
+                                "data is declared with corpus(...) or text(...)"):
             return
         if len(src.args) != 1 or not isinstance(src.args[0], ast.String):
             self.c.add("E0207", f"{src.func}(...) takes the {'corpus name' if src.func == 'corpus' else 'file path'} "
@@ -257,6 +253,19 @@ class Checker:
             self.out.data[stmt.name] = DataDecl(stmt.name, src.func, src.args[0].value,
                                                 values["samples"], values["seqlen"],
                                                 values["seed"], stmt.span, values["eval_windows"])
+
+    def _known_call(self, expr: ast.Expr, names, code: str, what: str, listing: str,
+                    otherwise: str) -> bool:
+        """Is ``expr`` a call of one of ``names``? Reports the problem if not."""
+        if isinstance(expr, ast.Call) and expr.func in names:
+            return True
+        if isinstance(expr, ast.Call):
+            self.c.add(code, f"unknown {what} `{expr.func}`", expr.func_span,
+                       help=did_you_mean(expr.func, names, listing=listing))
+        else:
+            self.c.add(code, otherwise, expr.span,
+                       help=f"{listing}: {', '.join(sorted(names))}")
+        return False
 
     def _let(self, stmt: ast.LetStmt):
         sel = self.selector(stmt.value)
@@ -663,12 +672,8 @@ class Checker:
 
     def _expect(self, stmt: ast.ExpectStmt):
         left = stmt.left
-        if not isinstance(left, ast.Call) or left.func not in METRICS:
-            name = left.func if isinstance(left, ast.Call) else None
-            self.c.add("E0210", f"unknown metric `{name}`" if name else
-                       "`expect` starts with a metric such as perplexity(DATA)",
-                       left.func_span if isinstance(left, ast.Call) else left.span,
-                       help=did_you_mean(name or "", METRICS, listing="metrics"))
+        if not self._known_call(left, METRICS, "E0210", "metric", "metrics",
+                                "`expect` starts with a metric such as perplexity(DATA)"):
             return
         if len(left.args) != 1 or not isinstance(left.args[0], ast.Name) or left.kwargs:
             self.c.add("E0207", f"{left.func}(...) takes one data name", left.span,
