@@ -11,7 +11,7 @@ from pydantic import field_validator
 from surgery.passapi import (DataRef, ModulePass, PassError, PassParams, RunContext, State, StepReport)
 
 from .intercept import NormaliserSpec
-from .swap import (CannotSynthesise, capture_inputs, example_inputs, install, is_swapped,
+from .swap import (CannotSynthesise, _no_nested_tensors, capture_inputs, example_inputs, install, is_swapped,
                    no_attention_reason, trace_stats)
 
 SUPPORTED_OPS = ("softmax",)
@@ -69,6 +69,7 @@ class SwapPass(ModulePass):
             for path in paths:
                 mod = modules[path]
                 install(mod, spec)
+                _no_nested_tensors(ctx.model, path)
                 report.per_module[path] = {"class": type(mod).__name__, "softmax_rewritten": found[path].rewritten,
                                            "sdpa_decomposed": found[path].sdpa}
                 task.advance()

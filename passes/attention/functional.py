@@ -53,8 +53,10 @@ def stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log StableMax computed as log s(x_i) - log sum_j s(x_j) (same value as the reference)."""
-    return log_s(x) - torch.log(s(x).sum(dim=dim, keepdim=True))
+    """log StableMax as log s(x_i) - logsumexp_j log s(x_j): the reference's value without its
+    division, and exactly 0 for a single class."""
+    ls = log_s(x)
+    return ls - torch.logsumexp(ls, dim=dim, keepdim=True)
 
 
 def _safe_div_rows(w: torch.Tensor, eps: float = 0.0) -> torch.Tensor:

@@ -51,6 +51,10 @@ class AttentionSwap(nn.Module):
         if parent._modules.get(MARKER) is not self:
             setattr(parent, MARKER, self)
         parent.forward = types.MethodType(_swapped_forward, parent)
+        if not any(h is _keep_slow_path for h in parent._forward_pre_hooks.values()):
+            # Fused fast paths (nn.TransformerEncoderLayer in inference) skip the attention
+            # module's forward; they stand down when any submodule has a forward hook.
+            parent.register_forward_pre_hook(_keep_slow_path)
 
     def register_weights_hook(self, fn: Callable) -> Callable[[], None]:
         """Observe the new attention weights: fn(weights, visible). Returns a remover."""
@@ -67,6 +71,21 @@ class AttentionSwap(nn.Module):
         if s.reweight:
             return f"softmax -> softplus (LSSAR p={s.p:g}, reweight_at_train={s.reweight_at_train})"
         return "softmax -> softplus (LSSA)"
+
+
+def _keep_slow_path(module: nn.Module, args: Any) -> None:
+    return None
+
+
+def _no_nested_tensors(model: nn.Module, path: str) -> None:
+    """nn.TransformerEncoder may turn padded inputs into nested tensors before its layers run;
+    the swapped attention needs dense tensors and an explicit padding mask."""
+    parts = path.split(".")
+    for i in range(len(parts)):
+        anc = model.get_submodule(".".join(parts[:i]))
+        if isinstance(anc, nn.TransformerEncoder):
+            anc.use_nested_tensor = False
+            anc.enable_nested_tensor = False
 
 
 def _swapped_forward(self: nn.Module, *args, **kwargs):
@@ -101,6 +120,7 @@ def attach_swaps(model: nn.Module) -> list[str]:
         marker = mod._modules.get(MARKER)
         if isinstance(marker, AttentionSwap):
             marker.surgery_attach(mod)
+            _no_nested_tensors(model, path)
             paths.append(path)
     return paths
 
@@ -129,6 +149,9 @@ def _embed_dim(module: nn.Module) -> int:
             return sub.embed_dim
         if isinstance(sub, nn.Linear):
             return sub.in_features
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:  # norms: the width is the weight's size
+        return weight.shape[0]
     raise CannotSynthesise("cannot tell the model width (no embed_dim, config.hidden_size or Linear)")
 
 

@@ -1,0 +1,257 @@
+"""Attention-surgery benchmarks: the two headline claims of the papers behind the swap passes.
+
+1. grokking  (Prieto et al., "Grokking at the Edge of Numerical Stability"): modular addition,
+   MLP, no weight decay, float32. Softmax cross-entropy vs StableMax cross-entropy vs softmax
+   cross-entropy with perpGrad; test accuracy over steps and the Softmax-Collapse fraction (train
+   samples whose float32 softmax gradient is exactly zero).
+2. length    (Gao & Spratling, "Softplus Attention with Re-weighting ..."): the same tiny causal
+   LLaMA (byte-level, RoPE) trained on pydoc text at context 128 with softmax, LSSA and LSSAR
+   attention (the latter two made by the `swap` passes); held-out loss at 128 ... 2048 tokens.
+
+Usage: python benchmarks/attention.py [grokking|length|all] [--out DIR] [--quick]
+Prints markdown tables, writes <out>/attention_<exp>.json and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from surgery.passes.attention.training import OrthoGrad, stablemax_cross_entropy
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads), no GPU"
+
+
+# -- 1. grokking at the edge of numerical stability ------------------------------------------------
+
+def modular_addition(p: int, train_fraction: float, seed: int, device):
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    x = torch.cat([F.one_hot(a, p), F.one_hot(b, p)], dim=1).float()
+    y = (a + b) % p
+    perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
+    n_train = int(train_fraction * p * p)
+    tr, te = perm[:n_train], perm[n_train:]
+    return x[tr].to(device), y[tr].to(device), x[te].to(device), y[te].to(device)
+
+
+def grokking_run(loss_name: str, steps: int, p: int, device, seed: int = 0, eval_every: int = 100,
+                 lr: float = 0.01) -> dict:
+    xtr, ytr, xte, yte = modular_addition(p, 0.4, seed, device)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2 * p, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
+                          nn.Linear(200, p)).to(device)
+    kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-25, weight_decay=0.0)
+    if loss_name == "softmax+perpgrad":
+        opt = OrthoGrad(model.parameters(), torch.optim.AdamW, **kw)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), **kw)
+    hist = {"step": [], "test_acc": [], "train_acc": [], "collapse": []}
+    for step in range(steps + 1):
+        logits = model(xtr)
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                hist["step"].append(step)
+                hist["train_acc"].append(float((logits.argmax(-1) == ytr).float().mean()))
+                hist["test_acc"].append(float((model(xte).argmax(-1) == yte).float().mean()))
+                # Softmax Collapse: the correct class's fp32 probability rounds to exactly 1, so the
+                # cross-entropy gradient of that sample is exactly zero.
+                prob = torch.softmax(logits.float(), -1).gather(1, ytr[:, None]).squeeze(1)
+                hist["collapse"].append(float((prob == 1.0).float().mean()))
+        if step == steps:
+            break
+        if loss_name == "stablemax":
+            loss = stablemax_cross_entropy(logits, ytr)  # float64 inside, as the reference
+        else:
+            loss = F.cross_entropy(logits, ytr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    first = next((s for s, a in zip(hist["step"], hist["test_acc"]) if a >= 0.95), None)
+    return {"loss": loss_name, "final_test_acc": hist["test_acc"][-1], "best_test_acc": max(hist["test_acc"]),
+            "final_train_acc": hist["train_acc"][-1], "step_test_95": first,
+            "final_collapse": hist["collapse"][-1], "history": hist}
+
+
+def grokking(out: Path, quick: bool) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = 23 if quick else 113
+    steps = 300 if quick else 30000
+    runs = []
+    for name in ("softmax", "stablemax", "softmax+perpgrad"):
+        t0 = time.time()
+        r = grokking_run(name, steps, p, device)
+        r["seconds"] = round(time.time() - t0, 1)
+        runs.append(r)
+    result = {"experiment": "grokking", "modulus": p, "steps": steps, "train_fraction": 0.4,
+              "model": "MLP 2p-200-200-p, AdamW lr 0.01 betas (0.9, 0.999) eps 1e-25, no weight decay, "
+                       "full batch, float32", "device": device_name(), "runs": runs}
+    print(f"\n### Grokking: modular addition mod {p}, {steps} full-batch steps ({device_name()})\n")
+    print("| loss | final test acc | best test acc | first step test >= 95% | final train acc | "
+          "Softmax Collapse (train) | time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['loss']} | {r['final_test_acc']:.3f} | {r['best_test_acc']:.3f} | {r['step_test_95']} | "
+              f"{r['final_train_acc']:.3f} | {r['final_collapse']:.1%} | {r['seconds']} |")
+    _plot_grokking(result, out / "attention_grokking.png")
+    return result
+
+
+def _plot_grokking(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in result["runs"]:
+        h = r["history"]
+        line, = ax.plot(h["step"], h["test_acc"], label=f"{r['loss']} (test)")
+        ax.plot(h["step"], h["train_acc"], ls=":", color=line.get_color(), label=f"{r['loss']} (train)")
+        ax2.plot(h["step"], h["collapse"], color=line.get_color(), label=r["loss"])
+    ax.set(xlabel="step", ylabel="accuracy", title=f"modular addition mod {result['modulus']}, float32, no WD")
+    ax2.set(xlabel="step", ylabel="fraction of train samples", title="Softmax Collapse (fp32 prob == 1)")
+    ax.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- 2. length extrapolation ----------------------------------------------------------------------
+
+def byte_corpus() -> tuple[torch.Tensor, torch.Tensor]:
+    from surgery.data import pydoc_text
+
+    data = torch.tensor(list(pydoc_text().encode("utf-8")), dtype=torch.long)
+    cut = int(0.9 * len(data))
+    return data[:cut], data[cut:]
+
+
+def tiny_llama(attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surgery.passapi import RunContext
+    from surgery.progress import Progress
+    from surgery.registry import get_pass
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rope_theta=10000.0, tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if attn != "softmax":
+        P = get_pass("swap", "softplus")
+        params = P.Params(reweight=True, p=15) if attn == "lssar" else P.Params()
+        targets = {n: m for n, m in model.named_modules() if n.endswith("self_attn")}
+        P(params).apply(RunContext(model=model, models={}, data={}, progress=Progress()), targets)
+    return model
+
+
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def length_run(attn: str, steps: int, batch: int, ctx: int, lengths: list[int], device) -> dict:
+    train, test = byte_corpus()
+    model = tiny_llama(attn).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(1)
+    t0 = time.time()
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(train) - ctx - 1, (batch,), generator=gen)
+        ids = torch.stack([train[s:s + ctx + 1] for s in starts]).to(device)
+        loss = lm_loss(model, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    train_s = time.time() - t0
+    model.eval()
+    span = (len(test) // (max(lengths) + 1)) * (max(lengths) + 1)  # the same text at every length
+    evals = {}
+    with torch.no_grad():
+        for length in lengths:
+            windows = test[:span][: (span // (length + 1)) * (length + 1)].view(-1, length + 1)
+            total, count = 0.0, 0
+            for i in range(0, len(windows), 8):
+                ids = windows[i:i + 8].to(device)
+                total += float(lm_loss(model, ids)) * ids[:, 1:].numel()
+                count += ids[:, 1:].numel()
+            evals[length] = total / count
+    return {"attention": attn, "final_train_loss": float(loss), "eval_loss": evals, "train_seconds": round(train_s, 1)}
+
+
+def length(out: Path, quick: bool) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere: compare normalisers, not precisions
+    steps = 20 if quick else 3000
+    batch = 8 if quick else 64
+    lengths = [128, 256, 512] if quick else [128, 256, 512, 1024, 2048]
+    runs = [length_run(a, steps, batch, 128, lengths, device) for a in ("softmax", "lssa", "lssar")]
+    result = {"experiment": "length", "train_context": 128, "steps": steps, "batch": batch,
+              "model": "LlamaForCausalLM bytes (vocab 256), hidden 256, 4 layers, 4 heads (2 kv), head dim 64, "
+                       "RoPE 10000; AdamW lr 1e-3 cosine; pydoc text, last 10% held out",
+              "device": device_name(), "runs": runs}
+    print(f"\n### Length extrapolation: trained at 128 tokens, {steps} steps x {batch} ({device_name()})\n")
+    print("| attention | train loss | " + " | ".join(f"loss @{n}" for n in lengths) + " | train time (s) |")
+    print("|---|---|" + "---|" * len(lengths) + "---|")
+    for r in runs:
+        print(f"| {r['attention']} | {r['final_train_loss']:.3f} | "
+              + " | ".join(f"{r['eval_loss'][n]:.3f}" for n in lengths) + f" | {r['train_seconds']} |")
+    _plot_length(result, lengths, out / "attention_length.png")
+    return result
+
+
+def _plot_length(result: dict, lengths: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in result["runs"]:
+        ax.plot(lengths, [r["eval_loss"][n] for n in lengths], marker="o", label=r["attention"])
+    ax.axvline(result["train_context"], color="grey", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="evaluation length (tokens)", ylabel="held-out loss (nats/byte)",
+           title="tiny LLaMA trained at 128 tokens on pydoc")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiment", nargs="?", default="all", choices=["grokking", "length", "all"])
+    ap.add_argument("--out", default="docs/bench")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for name, fn in (("grokking", grokking), ("length", length)):
+        if args.experiment in (name, "all"):
+            result = fn(out, args.quick)
+            (out / f"attention_{name}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
