@@ -141,15 +141,29 @@ class _StatsHooks:
         self.stats = {p: LinearStats(m.in_features if hasattr(m, "in_features")
                                      else m.weight.shape[1], gram) for p, m in mods.items()}
         self.handles = []
+        # Layers fed the same tensor (q/k/v, gate/up) share one XᵀX per batch.
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         for p, m in mods.items():
             self.handles.append(m.register_forward_hook(self._make(p, p == stop_after)))
 
     def _make(self, path: str, stop: bool):
         def hook(module, inputs, output):
-            self.stats[path].add(inputs[0].detach())
+            inp = inputs[0]
+            x = inp.detach()
+            stats = self.stats[path]
+            if stats.gram is not None:
+                if self._last is None or self._last[0] is not inp:
+                    flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                    self._last = (inp, flat.T @ flat)
+                stats.add(x, gram=self._last[1])
+            else:
+                stats.add(x)
             if stop:
                 raise _Stop
         return hook
+
+    def new_batch(self) -> None:
+        self._last = None
 
     def remove(self):
         for h in self.handles:
@@ -279,11 +293,13 @@ class _Engine:
                 stop_handle = stop_at.register_forward_pre_hook(_raise_stop)
             try:
                 for i in range(len(self.batches)):
+                    hooks.new_batch()
                     try:
                         forward(i)
                     except _Stop:
                         pass
             finally:
+                hooks.new_batch()
                 hooks.remove()
                 if stop_handle is not None:
                     stop_handle.remove()

@@ -23,14 +23,14 @@ class LinearStats:
                      if gram else None)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Add one batch of inputs (..., in_features)."""
+    def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
+        """Add one batch of inputs (..., in_features); ``gram`` = its XᵀX if already computed."""
         self.samples += x.shape[0] if x.dim() > 1 else 1
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self.tokens += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         if self.gram is not None:
-            g = x.T @ x  # float32 per batch; summed in float64 across batches
+            g = x.T @ x if gram is None else gram  # float32 per batch; summed in float64
             self.gram += g
             self.sq_sum += g.diagonal()
         else:
