@@ -130,8 +130,11 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
         modules = {p: model.get_submodule(p) for p in targets}
         problems = [(p, r) for p, m in modules.items() if (r := pass_obj.check_module(p, m))]
         for reason, bad in _group_reasons(problems).items():
-            code = ("E0803" if ("CUDA" in reason or "GPU" in reason) else
-                    "E0402" if any(w in reason for w in ("divide", "shape", "multiple")) else "E0401")
+            if "CUDA" in reason or "GPU" in reason:  # the machine, not the modules, is the problem
+                diags.append(Diagnostic("E0803", reason, step.stmt.span,
+                                        help="run this step on a machine with a CUDA GPU"))
+                continue
+            code = "E0402" if any(w in reason for w in ("divide", "shape", "multiple")) else "E0401"
             diags.append(Diagnostic(code, f"cannot {step.verb} {_module_list(bad)}: {reason}",
                                     step.stmt.span,
                                     help=f"{len(bad)} of {len(modules)} selected modules are "
