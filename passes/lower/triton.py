@@ -21,7 +21,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 from torch.utils._pytree import tree_leaves
 
-from surgery.passapi import (DataRef, ModulePass, PassError, PassParams, RunContext, State,
+from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, State,
                              StepReport)
 from surgery.passes.lower import runtime, sites
 from surgery.registry import register
@@ -48,7 +48,7 @@ def triton_installed() -> bool:
 class LowerParams(PassParams):
     ops: list[str]
     softmax_algorithm: Literal["fused", "online", "two_pass"] = "fused"
-    data: DataRef | None = None  # captured inputs for the gate; synthetic inputs without it
+    data: str | None = None  # a `data` name: the gate runs on its inputs (random ids without)
     samples: int = Field(2, ge=1, le=64)  # calibration sequences the gate runs
     check: bool = True  # run the equivalence gate
 

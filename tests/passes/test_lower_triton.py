@@ -203,3 +203,29 @@ def test_marker_round_trips_its_config():
     m = sites.TritonLowering("attention", ["softplus_attention"], "online")
     again = sites.TritonLowering.from_surgery_config(m.surgery_config())
     assert again.surgery_config() == m.surgery_config()
+
+
+@pytest.mark.slow
+def test_smollm2_lssar_int4_lowered_in_the_interpreter(fake_gpu):
+    from surgery.data import corpus
+    from surgery.models import load_model
+
+    lm = load_model("zoo:smollm2-135m")
+    ds = corpus(lm.tokenizer, "pydoc", samples=4, seqlen=48, seed=0)
+    res = surgery.apply(lm.model, """
+quantize modules("model.layers.*.mlp.*_proj") to int4 using rtn(group=64)
+swap softmax in type(LlamaAttention) for softplus(reweight=true)
+""")
+    model = res.model
+    ids = ds.evaluation[:1]
+    with torch.no_grad():
+        before = model(ids).logits
+    p = get_pass("lower", "triton")(lower.LowerParams(ops=["softplus_attention", "int4_linear"],
+                                                      data="calib", samples=1))
+    ctx = RunContext(model=model, models={}, data={"calib": ds}, progress=Progress())
+    rep = p.apply(ctx, {"model": model.model})
+    assert rep.metrics["lowered"] == {"softplus_attention": 30, "int4_linear": 90}
+    assert rep.metrics["max_rel_diff"] < 1e-4
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - before).abs().max() / before.abs().max() < 1e-4
