@@ -24,7 +24,8 @@ Tensor = torch.Tensor
 
 
 def lambda_field(default: float):
-    """`lambda=` in scripts (a Python keyword, hence the field name `lam`)."""
+    """The papers' lambda (scaling of the merged task vector). Written `scale=` in scripts;
+    Python callers may also pass `lambda=` (a keyword, hence not the field name)."""
     return Field(default, alias="lambda", description="scaling of the merged task vector")
 
 

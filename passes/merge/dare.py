@@ -39,7 +39,7 @@ class DareParams(MergeParams):
     p: float = Field(0.5, ge=0.0, le=1.0, description="drop probability of each delta entry")
     rescale: Literal["inverse_keep_prob", "l1_match", "none"] = "inverse_keep_prob"
     combine: Literal["task_arithmetic", "ties", "linear", "widen"] = "task_arithmetic"
-    lam: float = lambda_field(1.0)
+    scale: float = lambda_field(1.0)
     weights: list[float] | None = None
     t: float = Field(1.0, gt=0.0, description="WIDEN above-average ratio (combine=widen)")
     s: float = Field(1.0, ge=0.0, description="WIDEN score calibration (combine=widen)")
@@ -57,12 +57,12 @@ class _Dare(TensorMerger):
             deltas.append(dare_drop(t.float() - b, p.p, p.rescale, g))
         w = self.weights(len(tensors))
         if p.combine == "task_arithmetic":
-            tau = p.lam * combine_task_arithmetic(deltas, w)
+            tau = p.scale * combine_task_arithmetic(deltas, w)
         elif p.combine == "linear":
             tau = combine_task_arithmetic(deltas, w, normalize=True)
         elif p.combine == "ties":  # dare_ties: sign election on weighted deltas, no trimming
             T = torch.stack([wi * d.reshape(-1) for wi, d in zip(w, deltas)])
-            tau = p.lam * disjoint_merge(T, elect_sign(T)).view(b.shape)
+            tau = p.scale * disjoint_merge(T, elect_sign(T)).view(b.shape)
         else:
             return widen_merge(base, [b + d for d in deltas], p.t, p.s, kind)
         return (b + tau).to(base.dtype)

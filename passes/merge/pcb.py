@@ -52,7 +52,7 @@ def pcb_combine(T: Tensor, ratio: float, clip: float = 1e-4, inter: str = "sum_t
 
 class PcbParams(MergeParams):
     ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each task vector kept")
-    lam: float = lambda_field(1.0)
+    scale: float = lambda_field(1.0)
     clip: float = Field(1e-4, ge=0.0, lt=0.5, description="outlier clip ratio at both ends")
     inter: Literal["sum_tanh", "pairwise_normalized", "paper_softmax"] = "sum_tanh"
     scope: Literal["per_tensor", "global"] = "per_tensor"
@@ -66,7 +66,7 @@ class _Pcb(TensorMerger):
         return self.p.scope
 
     def combine(self, T: Tensor) -> Tensor:
-        return self.p.lam * pcb_combine(T, self.p.ratio, self.p.clip, self.p.inter)
+        return self.p.scale * pcb_combine(T, self.p.ratio, self.p.clip, self.p.inter)
 
     def merge(self, name, base, tensors, kind):
         T = torch.stack([(t.float() - base.float()).reshape(-1) for t in tensors])

@@ -105,6 +105,8 @@ def pleas_merge(m1: nn.Module, m2: nn.Module, batches: list, *, width: float = 1
     info = {"groups": len(spec.groups), "notes": list(spec.notes)}
     units = sum(g.size for g in spec.groups)
     info["unit_width"] = (sum(b.width for b in blocks.values()) / units) if units else 1.0
+    info["group_widths"] = {g.key: round(blocks[gi].width / g.size, 4)
+                            for gi, g in enumerate(spec.groups)}
     abt = spec.axes_by_tensor()
     info["compute_ratio"] = sum(
         effective_size(t.shape, {ax: blocks[gi] for ax, gi in abt.get(k, {}).items()})

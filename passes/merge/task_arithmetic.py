@@ -22,7 +22,7 @@ def combine_task_arithmetic(deltas: Sequence[torch.Tensor], weights: Sequence[fl
 
 
 class TaskArithmeticParams(MergeParams):
-    lam: float = lambda_field(1.0)
+    scale: float = lambda_field(1.0)
     weights: list[float] | None = None
     normalize: bool = False
 
@@ -33,7 +33,7 @@ class _TaskArithmetic(TensorMerger):
     def merge(self, name, base, tensors, kind):
         deltas = [t.float() - base.float() for t in tensors]
         tau = combine_task_arithmetic(deltas, self.weights(len(tensors)), self.p.normalize)
-        return (base.float() + self.p.lam * tau).to(base.dtype)
+        return (base.float() + self.p.scale * tau).to(base.dtype)
 
 
 @register

@@ -141,7 +141,7 @@ def ties_lean(base: Tensor, tensors: list[Tensor], density: float, compat: str =
 
 class TiesParams(MergeParams):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
-    lam: float = lambda_field(1.0)
+    scale: float = lambda_field(1.0)
     scope: Literal["per_tensor", "global"] = "per_tensor"
     compat: Literal["exact", "ties_ref"] = "exact"
     disjoint: Literal["mean", "sum", "max"] = "mean"
@@ -155,12 +155,12 @@ class _Ties(TensorMerger):
         return self.p.scope
 
     def combine(self, T: Tensor) -> Tensor:
-        return self.p.lam * ties_combine(T, self.p.density, self.p.compat, self.p.disjoint)
+        return self.p.scale * ties_combine(T, self.p.density, self.p.compat, self.p.disjoint)
 
     def merge(self, name, base, tensors, kind):
         p = self.p
         tau = ties_lean(base, list(tensors), p.density, p.compat, p.disjoint)
-        return (base.to(tau.dtype) + tau.mul_(p.lam)).to(base.dtype)
+        return (base.to(tau.dtype) + tau.mul_(p.scale)).to(base.dtype)
 
 
 @register

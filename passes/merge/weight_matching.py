@@ -14,7 +14,7 @@ from surgery.passapi import PassError, StepReport
 from surgery.registry import register
 
 from .bn import has_batchnorm, recompute_bn_stats
-from .common import MergeParams, MergePass, lambda_field
+from .common import MergeParams, MergePass
 from .matching import activation_matching, weight_matching
 from .permspec import PermSpecError, apply_perm, derive_spec
 
@@ -64,7 +64,7 @@ class WeightMatchingParams(MergeParams):
     similarity: Literal["neg_l2", "inner", "pearson"] = "neg_l2"
     max_iter: int = Field(100, ge=1)
     seed: int = 0
-    lam: float = lambda_field(0.5)
+    t: float = Field(0.5, description="interpolation point: 0 = A, 1 = aligned B")
     batch_size: int = Field(8, ge=1)
     batches: int | None = Field(None, ge=1, description="calibration batches used (default all)")
     bn_batches: int = Field(100, ge=1)
@@ -73,8 +73,8 @@ class WeightMatchingParams(MergeParams):
     def _needs(self):
         if self.matching == "activation" and self.data is None:
             raise ValueError("activation matching needs data: pass data=NAME")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError("lambda must be in [0, 1]")
+        if not 0.0 <= self.t <= 1.0:
+            raise ValueError("t must be in [0, 1]")
         return self
 
 
@@ -110,7 +110,7 @@ class WeightMatchingMerge(MergePass):
                                 progress=ctx.progress)
             perms_all.append(perms)
             states.append(apply_perm(spec, perms, other.state_dict()))
-        w = [1 - p.lam, p.lam] if len(models) == 2 else [1 / len(models)] * len(models)
+        w = [1 - p.t, p.t] if len(models) == 2 else [1 / len(models)] * len(models)
         out = copy.deepcopy(ref)
         out.load_state_dict(interpolate(states, w))
         notes = list(spec.notes)
@@ -125,5 +125,5 @@ class WeightMatchingMerge(MergePass):
                     for P in ps.values())
         return StepReport(modules=len(models), parameters=sum(v.numel() for v in out.parameters()),
                           metrics={"groups": len(spec.groups), "units_moved": moved,
-                                   "matching": p.matching, "lambda": p.lam},
+                                   "matching": p.matching, "t": p.t},
                           notes=notes)

@@ -145,7 +145,7 @@ def test_merging_a_model_with_itself_returns_it(method, kw):
 def test_task_arithmetic_and_linear_values():
     b, x, y = tiny(0), tiny(1), tiny(2)
     models = {"b": b, "x": x, "y": y}
-    ta, _ = run("task_arithmetic", models, ["x", "y"], base="b", lam=0.5)
+    ta, _ = run("task_arithmetic", models, ["x", "y"], base="b", scale=0.5)
     lin, _ = run("linear", models, ["x", "y"], weights=[3.0, 1.0])
     k = "model.layers.0.mlp.up_proj.weight"
     sb, sx, sy = b.state_dict()[k], x.state_dict()[k], y.state_dict()[k]

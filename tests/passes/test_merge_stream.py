@@ -36,7 +36,7 @@ def ckpts(tmp_path_factory):
     return d, ms
 
 
-@pytest.mark.parametrize("method,kw", [("linear", {}), ("task_arithmetic", {"lam": 0.7}),
+@pytest.mark.parametrize("method,kw", [("linear", {}), ("task_arithmetic", {"scale": 0.7}),
                                        ("ties", {"density": 0.3}), ("dare", {"p": 0.4}),
                                        ("pcb", {}), ("widen", {})])
 def test_stream_equals_in_memory(ckpts, tmp_path, method, kw):
