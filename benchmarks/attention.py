@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from surgery.passes.attention.functional import stablemax
 from surgery.passes.attention.training import OrthoGrad, stablemax_cross_entropy
 
 
@@ -66,9 +67,10 @@ def grokking_run(loss_name: str, steps: int, p: int, device, seed: int = 0, eval
                 hist["step"].append(step)
                 hist["train_acc"].append(float((logits.argmax(-1) == ytr).float().mean()))
                 hist["test_acc"].append(float((model(xte).argmax(-1) == yte).float().mean()))
-                # Softmax Collapse: the correct class's fp32 probability rounds to exactly 1, so the
-                # cross-entropy gradient of that sample is exactly zero.
-                prob = torch.softmax(logits.float(), -1).gather(1, ytr[:, None]).squeeze(1)
+                # Collapse: the correct class's fp32 probability under the run's own normaliser
+                # rounds to exactly 1, so that sample's loss gradient is exactly zero.
+                norm = stablemax if loss_name == "stablemax" else torch.softmax
+                prob = norm(logits.float(), -1).gather(1, ytr[:, None]).squeeze(1)
                 hist["collapse"].append(float((prob == 1.0).float().mean()))
         if step == steps:
             break
@@ -85,14 +87,14 @@ def grokking_run(loss_name: str, steps: int, p: int, device, seed: int = 0, eval
             "final_collapse": hist["collapse"][-1], "history": hist}
 
 
-def grokking(out: Path, quick: bool) -> dict:
+def grokking(out: Path, quick: bool, modulus: int | None = None, steps: int | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = 23 if quick else 113
-    steps = 300 if quick else 30000
+    p = modulus or (23 if quick else 113)
+    steps = steps or (300 if quick else 30000)
     runs = []
     for name in ("softmax", "stablemax", "softmax+perpgrad"):
         t0 = time.time()
-        r = grokking_run(name, steps, p, device)
+        r = grokking_run(name, steps, p, device, eval_every=max(10, steps // 200))
         r["seconds"] = round(time.time() - t0, 1)
         runs.append(r)
     result = {"experiment": "grokking", "modulus": p, "steps": steps, "train_fraction": 0.4,
@@ -139,15 +141,16 @@ def byte_corpus() -> tuple[torch.Tensor, torch.Tensor]:
     return data[:cut], data[cut:]
 
 
-def tiny_llama(attn: str):
+def tiny_llama(attn: str, small: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from surgery.passapi import RunContext
     from surgery.progress import Progress
     from surgery.registry import get_pass
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    width, layers, heads = (128, 2, 2) if small else (256, 4, 4)  # head dim 64 as in the paper
+    cfg = LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
                       rope_theta=10000.0, tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
@@ -166,7 +169,7 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 def length_run(attn: str, steps: int, batch: int, ctx: int, lengths: list[int], device) -> dict:
     train, test = byte_corpus()
-    model = tiny_llama(attn).to(device)
+    model = tiny_llama(attn, small=device == "cpu").to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -198,17 +201,18 @@ def length_run(attn: str, steps: int, batch: int, ctx: int, lengths: list[int], 
     return {"attention": attn, "final_train_loss": float(loss), "eval_loss": evals, "train_seconds": round(train_s, 1)}
 
 
-def length(out: Path, quick: bool) -> dict:
+def length(out: Path, quick: bool, steps: int | None = None, batch: int | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere: compare normalisers, not precisions
-    steps = 20 if quick else 3000
-    batch = 8 if quick else 64
+    steps = steps or (20 if quick else 3000)
+    batch = batch or (8 if quick else 64)
     lengths = [128, 256, 512] if quick else [128, 256, 512, 1024, 2048]
     runs = [length_run(a, steps, batch, 128, lengths, device) for a in ("softmax", "lssa", "lssar")]
+    size = "hidden 128, 2 layers, 2 heads (1 kv)" if device == "cpu" else "hidden 256, 4 layers, 4 heads (2 kv)"
     result = {"experiment": "length", "train_context": 128, "steps": steps, "batch": batch,
-              "model": "LlamaForCausalLM bytes (vocab 256), hidden 256, 4 layers, 4 heads (2 kv), head dim 64, "
-                       "RoPE 10000; AdamW lr 1e-3 cosine; pydoc text, last 10% held out",
+              "model": f"LlamaForCausalLM on bytes (vocab 256), {size}, head dim 64, RoPE 10000; "
+                       "AdamW lr 1e-3 cosine; pydoc text, last 10% held out",
               "device": device_name(), "runs": runs}
     print(f"\n### Length extrapolation: trained at 128 tokens, {steps} steps x {batch} ({device_name()})\n")
     print("| attention | train loss | " + " | ".join(f"loss @{n}" for n in lengths) + " | train time (s) |")
@@ -243,13 +247,19 @@ def main() -> None:
     ap.add_argument("experiment", nargs="?", default="all", choices=["grokking", "length", "all"])
     ap.add_argument("--out", default="docs/bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    ap.add_argument("--modulus", type=int, help="grokking: modulus (default 113)")
+    ap.add_argument("--grok-steps", type=int, help="grokking: full-batch steps (default 30000)")
+    ap.add_argument("--lm-steps", type=int, help="length: training steps (default 3000)")
+    ap.add_argument("--lm-batch", type=int, help="length: batch size (default 64)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    for name, fn in (("grokking", grokking), ("length", length)):
+    runs = (("grokking", lambda: grokking(out, args.quick, args.modulus, args.grok_steps)),
+            ("length", lambda: length(out, args.quick, args.lm_steps, args.lm_batch)))
+    for name, fn in runs:
         if args.experiment in (name, "all"):
-            result = fn(out, args.quick)
+            result = fn()
             (out / f"attention_{name}.json").write_text(json.dumps(result, indent=1))
 
 
