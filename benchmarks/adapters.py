@@ -33,7 +33,8 @@ TARGETS = ("q_proj", "v_proj")
 METHODS = {
     "lora-gaussian": ("lora", {"r": 16, "alpha": 32, "init": "gaussian"}),
     "lora-eva": ("lora", {"r": 16, "alpha": 32,
-                          "init": CallValue(name="eva", kwargs={"data": "train", "rho": 2})}),
+                          "init": CallValue(name="eva", kwargs={"data": "train", "rho": 2,
+                                                                "batch_size": 4, "max_steps": 16})}),
     "bone": ("bone", {"block": 40}),
 }
 
@@ -68,7 +69,7 @@ def run(name: str, args, data, eval_tokens) -> dict:
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     train_s = time.perf_counter() - t0
     model.eval()
     ppl = perplexity(model, eval_tokens)

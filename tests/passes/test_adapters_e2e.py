@@ -106,3 +106,25 @@ def test_example_script_qlora_eva_on_smollm2(tmp_path):
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert sum(cfg["rank_pattern"].get(t, cfg["r"]) for t in cfg["target_modules"]) <= 8 * 60
+
+
+def test_save_and_load_rebuild_the_adapters(tmp_path):
+    from tests.passes.test_adapters import train
+
+    model, ids = tiny_llama(), tokens(2)
+    model.config.architectures = ["LlamaForCausalLM"]
+    res = surgery.apply(model, 'adapt modules("**.q_proj") with lora(r=4, rslora=true)\n'
+                               'adapt modules("**.up_proj") with bone(block=16, variant=bat)\n'
+                               f'save "{tmp_path / "saved"}"\n')
+    train(res.model, ids)  # non-zero adapters, then save again through the same emitter
+    from surgery.emit import save
+
+    save(res.model, tmp_path / "saved", {"script": ""})
+    with torch.no_grad():
+        ref = res.model(input_ids=ids).logits
+    loaded = surgery.load(tmp_path / "saved")
+    loaded = getattr(loaded, "model", loaded) if not isinstance(loaded, nn.Module) else loaded
+    assert type(loaded.model.layers[1].self_attn.q_proj).__name__ == "LoraLinear"
+    assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "BoneLinear"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref)
