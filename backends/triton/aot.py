@@ -67,13 +67,13 @@ def variants(full: bool):
                   HAS_BIAS="constexpr", BLOCK_N="constexpr", BLOCK_B="constexpr")
         for sym in ([True, False] if full else [False]):
             out.append((f"int4 gemv {dt} sym={sym}", qm._gemv_int4, g4,
-                        dict(SIGNED=sym, HAS_ZEROS=not sym, HAS_BIAS=True, BLOCK_N=64,
-                             BLOCK_B=32)))
+                        dict(SIGNED=sym, HAS_ZEROS=not sym, HAS_BIAS=True, BLOCK_N=16,
+                             BLOCK_B=128)))
         g8 = dict(q, **{d: "i32" for d in dims}, HAS_ZEROS="constexpr", HAS_BIAS="constexpr",
                   BLOCK_N="constexpr", BLOCK_K="constexpr")
         g8["qw_ptr"] = "*i8"
         out.append((f"int8 gemv {dt}", qm._gemv_int8, g8,
-                    dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_N=64, BLOCK_K=64)))
+                    dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=256)))
         gm = dict(q, **{d: "i32" for d in ("M",) + dims}, BITS="constexpr", SIGNED="constexpr",
                   HAS_ZEROS="constexpr", HAS_BIAS="constexpr", IEEE="constexpr",
                   BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")

@@ -139,8 +139,13 @@ def _gemm(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, GROUP, sx_m, sq
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                  in_features: int | None = None, gemv_max_rows: int = GEMV_MAX_ROWS,
-                 block_m: int = 32, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """``x @ dequant(qweight).T + bias`` with in-kernel dequantisation; GEMV or GEMM by rows."""
+                 block_m: int | None = None, block_n: int | None = None,
+                 block_k: int | None = None) -> torch.Tensor:
+    """``x @ dequant(qweight).T + bias`` with in-kernel dequantisation; GEMV or GEMM by rows.
+
+    Block sizes default per path (GEMV: narrow in N so that a 4096-wide layer still spreads
+    over every SM, long in K; GEMM: 32 x 64 x 64 tiles); given ones apply to both paths.
+    """
     n = qweight.shape[0]
     k = in_features if bits == 4 else qweight.shape[1]
     g = scales.shape[1]
@@ -161,6 +166,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     common = (x2, qweight, scales, zeros_t, bias_t, y)
     flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
     if m <= gemv_max_rows:
+        block_n, block_k = block_n or 16, block_k or 256
         if bits == 4:
             _gemv_int4[(triton.cdiv(n, block_n), m)](
                 *common, n, k, g, k // g, x2.stride(0), qweight.stride(0), y.stride(0),
@@ -170,6 +176,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 *common, n, k, g, k // g, x2.stride(0), qweight.stride(0), y.stride(0),
                 BLOCK_N=block_n, BLOCK_K=block_k, **flags)
     else:
+        block_m, block_n, block_k = block_m or 32, block_n or 64, block_k or 64
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _gemm[grid](*common, m, n, k, g, k // g, x2.stride(0), qweight.stride(0), y.stride(0),
                     BITS=bits, SIGNED=zeros is None, IEEE=fp32_dots(x.dtype), BLOCK_M=block_m,
