@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-ppl", action="store_true", help="skip perplexity (latency/size only)")
     ap.add_argument("--int4-onnx", default="matmulnbits", choices=["matmulnbits", "qdq"])
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -97,7 +98,8 @@ def main() -> None:
     calib = corpus(lm.tokenizer, "pydoc", samples=args.samples, seqlen=256, seed=0, name="calib")
     ids = evalset.evaluation[:1, :128].clone()
     print(f"machine: {platform.machine()} {os.cpu_count()}-core CPU, torch threads "
-          f"{torch.get_num_threads()}, no GPU; torch {torch.__version__}")
+          f"{torch.get_num_threads()}, no GPU; torch {torch.__version__}; load average at "
+          f"start {os.getloadavg()[0]:.1f}")
     print(f"eval: {evalset.evaluation.numel()} tokens (seqlen 512); calibration: "
           f"{calib.calibration.shape[0]} x {calib.calibration.shape[1]} tokens\n")
 
@@ -106,15 +108,15 @@ def main() -> None:
     for key in args.configs.split(","):
         label, method, kw = CONFIGS[key]
         model = copy.deepcopy(lm.model).eval()
-        secs = 0.0
+        secs = cpu = 0.0
         if method:
             P = get_pass("quantize", method)
             p = P(P.Params(**kw))
             ctx = RunContext(model=model, models={}, data={"calib": calib}, progress=Progress())
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             p.apply(ctx, decoder_linears(model))
-            secs = time.perf_counter() - t0
-        ppl = perplexity(model, evalset.evaluation)
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+        ppl = float("nan") if args.no_ppl else perplexity(model, evalset.evaluation)
         base_ppl = base_ppl or ppl
         size = disk_size(model)
         with torch.no_grad():
@@ -123,16 +125,17 @@ def main() -> None:
         if not args.no_onnx:
             with tempfile.TemporaryDirectory() as tmp:
                 ort_ms, rel = ort_latency(model, ids, args.repeats, args.int4_onnx, tmp)
-        rows.append((label, ppl, ppl / base_ppl, secs, size, pt_ms, ort_ms, rel))
+        rows.append((label, ppl, ppl / base_ppl, secs, cpu, size, pt_ms, ort_ms, rel))
         print(f"done: {label}: ppl {ppl:.3f}", flush=True)
         del model
 
-    print("\n| config | ppl | vs fp32 | quantize s | disk MB | PyTorch ms | ORT ms | ORT max rel diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, ppl, ratio, secs, size, pt_ms, ort_ms, rel in rows:
+    print("\n| config | ppl | vs fp32 | quantize wall s | quantize CPU s | disk MB | PyTorch ms "
+          "| ORT ms | ORT max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, ppl, ratio, secs, cpu, size, pt_ms, ort_ms, rel in rows:
         o = f"{ort_ms:.1f}" if ort_ms is not None else "-"
         r = f"{rel:.1e}" if rel is not None else "-"
-        print(f"| {label} | {ppl:.3f} | {ratio:.3f}x | {secs:.1f} | {size / 2**20:.1f} | "
+        print(f"| {label} | {ppl:.3f} | {ratio:.3f}x | {secs:.1f} | {cpu:.1f} | {size / 2**20:.1f} | "
               f"{pt_ms:.1f} | {o} | {r} |")
 
 
