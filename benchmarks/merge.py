@@ -29,7 +29,7 @@ from surgery.passes.merge.matching import weight_matching
 from surgery.passes.merge.permspec import apply_perm, derive_spec
 from surgery.passes.merge.pleas import pleas_merge
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(__import__('os').environ.get('BENCH_THREADS', '2')))
 
 
 # --- digits --------------------------------------------------------------------------------
@@ -229,18 +229,18 @@ def lm_loss(model, windows, bs=4):
     return tot / cnt
 
 
-def lora_finetune(base, train_w, seed, steps=30):
+def lora_finetune(base, train_w, seed, steps=24, batch=2):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     m = get_peft_model(copy.deepcopy(base), LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
         lora_dropout=0.0))
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
     g = torch.Generator().manual_seed(seed)
     m.train()
     for _ in range(steps):
-        idx = torch.randint(0, len(train_w), (4,), generator=g)
+        idx = torch.randint(0, len(train_w), (batch,), generator=g)
         loss = m(train_w[idx], labels=train_w[idx]).loss
         opt.zero_grad()
         loss.backward()
@@ -281,7 +281,7 @@ def run_lora(save: str | None = None):
         times[label] = time.perf_counter() - t0
         rows[label] = ctx.model
     print("\n### LoRA fine-tunes of SmolLM2-135M merged into the base (held-out loss, nats/token)\n")
-    print(f"Fine-tuning: LoRA r=8 on q/v/up/down, 30 AdamW steps of 4x128 tokens each "
+    print(f"Fine-tuning: LoRA r=8 on q/v/up/down, 24 AdamW steps (lr 2e-3) of 2x128 tokens each "
           f"({ft_time:.0f} s for both); held-out windows: "
           f"{len(data['strings'][1])} (strings), {len(data['exceptions'][1])} (exceptions).\n")
     print("| model | strings loss | exceptions loss | mean | merge time (s) |")

@@ -88,13 +88,14 @@ def _traced_units(model: nn.Module, spec: PermSpec) -> dict[str, fx.GraphModule]
     return {u: fx.symbolic_trace(model.get_submodule(u) if u else model) for u in spec.units}
 
 
-def collect_activations(spec: PermSpec, model: nn.Module, x) -> dict[tuple[str, str], Tensor]:
+def collect_activations(spec: PermSpec, model: nn.Module, x,
+                        units: dict | None = None) -> dict[tuple[str, str], Tensor]:
     """Outputs of every graph node that carries a group's units, for one input batch."""
     wanted: dict[str, set] = {}
     for g in spec.groups:
         for unit, node, _ in g.nodes:
             wanted.setdefault(unit, set()).add(node)
-    units = _traced_units(model, spec)
+    units = units if units is not None else _traced_units(model, spec)
     found: dict = {}
     hooks = []
     for unit, gm in units.items():
@@ -150,11 +151,12 @@ def activation_matching(spec: PermSpec, m1: nn.Module, m2: nn.Module, batches: I
     group (layer outputs, norms, activations, residual sums). Returns (perms, similarity)."""
     stats = {gi: CrossStats(g.size) for gi, g in enumerate(spec.groups)}
     batches = list(batches)
+    u1, u2 = _traced_units(m1, spec), _traced_units(m2, spec)
     ctx = progress.task("activation matching", total=len(batches)) if progress else None
     task = ctx.__enter__() if ctx else None
     try:
         for x in batches:
-            a1, a2 = collect_activations(spec, m1, x), collect_activations(spec, m2, x)
+            a1, a2 = collect_activations(spec, m1, x, u1), collect_activations(spec, m2, x, u2)
             for gi, g in enumerate(spec.groups):
                 for unit, node, ax in g.nodes:
                     if (unit, node) not in a1:

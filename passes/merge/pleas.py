@@ -60,6 +60,21 @@ def build_partial_model(m1: nn.Module, m2: nn.Module, spec, blocks: dict[int, Bl
     return merged
 
 
+def _sync_config(model: nn.Module, info: dict) -> None:
+    """Keep a Hugging Face config truthful when MLP blocks grew (so the model saves/reloads)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "intermediate_size"):
+        return
+    widths = {m.up_proj.out_features for m in model.modules()
+              if type(m).__name__.endswith("MLP") and isinstance(getattr(m, "up_proj", None),
+                                                                   nn.Linear)}
+    if len(widths) == 1:
+        cfg.intermediate_size = widths.pop()
+    elif widths:
+        info["notes"].append(f"MLP widths differ per layer ({min(widths)}..{max(widths)}); the "
+                             "config keeps intermediate_size, reload through the surgery manifest")
+
+
 def layer_plans(merged: nn.Module, m1: nn.Module, spec, blocks: dict[int, Blocks],
                 head: str | None) -> list[LayerPlan]:
     abt = spec.axes_by_tensor()
@@ -123,6 +138,7 @@ def pleas_merge(m1: nn.Module, m2: nn.Module, batches: list, *, width: float = 1
             info["ls_mse_after"] = sum(a for _, a in losses.values())
     if has_batchnorm(merged) and batches:
         info["bn_batches"] = recompute_bn_stats(merged, batches, bn_batches)
+    _sync_config(merged, info)
     merged.eval()
     for q in merged.parameters():
         q.requires_grad_(True)

@@ -197,6 +197,7 @@ def test_pleas_pass_on_a_transformer():
     rep = p.apply(ctx, {})
     m = ctx.model
     assert m.model.layers[0].mlp.up_proj.out_features == 80  # 48 merged + 2 x 16 separate
+    assert m.config.intermediate_size == 80  # saves and reloads as a plain HF model
     assert "attention" in rep.notes[0]
     assert rep.metrics["ls_mse_after"] < rep.metrics["ls_mse_before"]
     assert torch.isfinite(m(ds.evaluation).logits).all()
