@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
-from surgery.passapi import (DataRef, ModulePass, PassError, PassParams, RunContext, State, StepReport)
+from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, State, StepReport)
 
 from .intercept import NormaliserSpec
 from .swap import (CannotSynthesise, _no_nested_tensors, capture_inputs, example_inputs, install, is_swapped,
@@ -21,7 +21,7 @@ class SwapParams(PassParams):
     # Filled by the compiler from `swap <op> in SEL ...`.
     op: str = "softmax"
     # Optional data declaration: perplexity before and right after the swap goes in the report.
-    data: DataRef | None = None
+    data: str | None = None  # name of a `data` declaration
 
     @field_validator("op")
     @classmethod
