@@ -45,10 +45,21 @@ def merge_layer(root: nn.Module, path: str) -> None:
     replace_module(root, path, base)
 
 
+def _check_all(model: nn.Module, paths: list[str]) -> None:
+    for path in paths:
+        layer = model.get_submodule(path)
+        if not isinstance(layer, AdapterLayer):
+            raise PassError(f"{type(layer).__name__} is not an adapter", module=path)
+        reason = _cannot_merge(path, layer)
+        if reason:
+            raise PassError(reason, module=path)
+
+
 def merge_adapters(model: nn.Module, paths: list[str] | None = None) -> list[str]:
     """Fold every adapter (or those at ``paths``) into the base weights. Returns merged paths."""
     if paths is None:
         paths = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    _check_all(model, paths)  # all or nothing: never leave a half-merged model
     for path in paths:
         merge_layer(model, path)
     return list(paths)
@@ -114,11 +125,9 @@ class MergeAdapters(ModulePass):
         modules = {p: m for p, m in modules.items() if isinstance(m, AdapterLayer)}
         if skipped:  # e.g. EVA gave the layer rank 0, so it never got an adapter
             report.notes.append(f"{len(skipped)} selected layer(s) carry no adapter, e.g. {skipped[0]}")
+        _check_all(ctx.model, list(modules))
         with ctx.progress.task("merge adapters", total=len(modules)) as task:
             for path, layer in modules.items():
-                reason = _cannot_merge(path, layer)
-                if reason:
-                    raise PassError(reason, module=path)
                 w = float_weight(layer.base_layer)
                 merge_layer(ctx.model, path)
                 report.parameters += w.numel()

@@ -384,3 +384,32 @@ def test_surgery_config_rebuilds_the_wrappers():
         new.load_state_dict(layer.state_dict())
         x = torch.randn(2, layer.in_features)
         assert torch.equal(new(x), layer(x)) and new.surgery_config() == cfg
+
+
+@pytest.mark.parametrize("method,params", [("lora", {"r": 4}), ("bone", {"block": 16})])
+def test_adapters_on_int4_quantlinear(method, params):
+    """QLoRA-style on the quantize family's real QuantLinear: the base stays packed int4."""
+    model, ids = tiny_llama(), tokens(4)
+    Q = get_pass("quantize", "rtn")
+    Q(Q.Params(format="int4", group=16)).apply(
+        RunContext(model=model, models={}, data={}, progress=Progress()), select(model))
+    ref = logits(model, ids)
+    ql = model.model.layers[0].self_attn.q_proj
+    packed = {k: v.clone() for k, v in ql.state_dict().items()}
+    P = get_pass("adapt", method)
+    p = P(P.Params(**params))
+    mods = {n: m for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
+    assert mods and all(p.is_leaf(m) and p.check_module(n, m) is None for n, m in mods.items())
+    p.apply(RunContext(model=model, models={}, data={}, progress=Progress()), mods)
+    assert torch.equal(logits(model, ids), ref)
+    train(model, ids, lr=1e-2 if method == "lora" else 1e-3)
+    assert not torch.equal(logits(model, ids), ref)
+    wrapper = model.model.layers[0].self_attn.q_proj
+    assert wrapper.base_layer is ql
+    assert all(torch.equal(v, packed[k]) for k, v in ql.state_dict().items())
+    assert trainable_parameters(model) == sum(p.numel() for m in adapter_layers(model).values()
+                                              for p in m.adapter_parameters())
+    with pytest.raises(PassError, match="packed int4/int8"):
+        merge_adapters(model)
+    B = get_pass("adapt", "bone")
+    assert "quantized" in B(B.Params(block=16, variant="bat")).check_module("q", ql)
