@@ -79,7 +79,7 @@ def shape(kind, X):
     return X.view(-1, 1, 8, 8) if kind == "cnn" else X
 
 
-def train(model, X, y, seed, epochs=40):
+def train(model, X, y, seed, epochs=30):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
@@ -118,9 +118,9 @@ def separate_heads(merged_backbone, a, b, head, perms=None, spec=None):
     return m
 
 
-def run_digits(rows_out):
+def run_digits(rows_out, kinds=("mlp", "cnn")):
     Xtr, ytr, Xte, yte = digits()
-    for kind in ("mlp", "cnn"):
+    for kind in kinds:
         xtr, xte = shape(kind, Xtr), shape(kind, Xte)
         calib = list(xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))]
                      .split(64))
@@ -167,6 +167,7 @@ def run_digits(rows_out):
                 res[f"PLeaS width {w:g}"] = (ev(m), time.perf_counter() - t0,
                                              info["compute_ratio"])
             rows_out.append((kind, setting, endpoints, ens, res))
+            print_digits(rows_out[-1:])  # as soon as it is known
 
 
 def fmt(v):
@@ -195,7 +196,7 @@ def print_digits(rows):
         nv = nv[0] if isinstance(nv, tuple) else nv
         print(f"\nPLeaS at width 1.0 keeps {100 * p1 / best:.1f}% of the better endpoint "
               f"({'task-aware ' if disj else ''}accuracy); naive averaging keeps "
-              f"{100 * nv / best:.1f}%.")
+              f"{100 * nv / best:.1f}%.", flush=True)
 
 
 # --- LoRA on SmolLM2 ---------------------------------------------------------------------------
@@ -295,12 +296,11 @@ def run_lora(save: str | None = None):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default="all", choices=["digits", "lora", "all"])
+    ap.add_argument("--kind", default="both", choices=["mlp", "cnn", "both"])
     ap.add_argument("--save", default=None, help="write the two LoRA fine-tunes as HF dirs here")
     args = ap.parse_args()
-    print("Machine: 2-core CPU, no GPU; torch", torch.__version__)
+    print("Machine: 2-core CPU, no GPU; torch", torch.__version__, flush=True)
     if args.part in ("digits", "all"):
-        rows = []
-        run_digits(rows)
-        print_digits(rows)
+        run_digits([], ("mlp", "cnn") if args.kind == "both" else (args.kind,))
     if args.part in ("lora", "all"):
         run_lora(args.save)

@@ -158,7 +158,7 @@ def fit_closed_form(merged, m1, m2, plans: list[LayerPlan], batches, ridge: floa
         layer = merged.get_submodule(p.path)
         G, H, yy, count = acc[p.path]
         Wa = _augmented(layer)
-        W = layer.weight
+        W = Wa[:, :-1]  # (out, in * kernel positions)
         before = _mse(Wa, G, H, yy, count)
         k = W.shape[1] // p.in_b.width  # conv: kernel positions per input channel
         new = Wa.clone()

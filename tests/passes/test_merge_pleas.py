@@ -125,6 +125,16 @@ def test_least_squares_keeps_cross_blocks_zero_and_lowers_loss():
     assert all(lc[k] <= la[k] + 1e-9 for k in lc), (lc, la)
 
 
+def test_least_squares_on_a_residual_cnn():
+    torch.manual_seed(6)
+    a, b = ResCNN().eval(), ResCNN().eval()
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    m, info = pleas_merge(a, b, batches, width=1.25)
+    assert info["ls_mse_after"] < info["ls_mse_before"]
+    assert m.c1.out_channels == 10 and m.c1.weight.shape == (10, 1, 3, 3)
+    assert torch.isfinite(m(batches[0])).all()
+
+
 def test_pleas_closes_gap_to_ensemble():
     torch.manual_seed(2)
     a, b = mlp().eval(), mlp().eval()

@@ -96,7 +96,8 @@ MEASURE = textwrap.dedent("""
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_streamed_merge_stays_under_a_memory_cap_smaller_than_one_model(tmp_path, method):
     """Three 64 MiB checkpoints (32 tensors of 2 MiB, two shards each) merge with resident
-    memory growing by less than 32 MiB: half of ONE model, a sixth of the inputs."""
+    memory growing by less than 48 MiB: three quarters of ONE model, a quarter of the inputs.
+    (Measured on a 2-core CPU: task_arithmetic 20 MiB, ties 30 MiB.)"""
     g = torch.Generator().manual_seed(0)
     mib = 1 << 20
     for name, n, numel in (("m0", 32, mib // 2), ("m1", 32, mib // 2), ("m2", 32, mib // 2),
@@ -107,7 +108,7 @@ def test_streamed_merge_stays_under_a_memory_cap_smaller_than_one_model(tmp_path
                                                                          generator=g)
                        for i in range(n // 2)}
             save_file(tensors, str(tmp_path / name / f"part{shard}.safetensors"))
-    cap = 32 * mib
+    cap = 48 * mib
     out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path), str(4 * mib), method],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
