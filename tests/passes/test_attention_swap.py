@@ -387,3 +387,33 @@ def test_transformer_encoder_stack_with_padding_in_inference():
     remove()
     check_rows(seen, lambda w: (~pad[:, None, None, :]).expand_as(w))
     assert out.shape == (2, 6, 32) and torch.isfinite(out).all()
+
+
+class OddSignatureAttention(CustomAttention):
+    """forward(x, temperature): no example value can be guessed for `temperature` at plan time."""
+
+    def forward(self, x, temperature):
+        return super().forward(x / temperature)
+
+
+class OddModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.attn = OddSignatureAttention()
+
+    def forward(self, ids):
+        return self.attn(self.emb(ids), 1.0)
+
+
+def test_untraceable_signature_is_traced_on_captured_inputs_at_run_time():
+    torch.manual_seed(0)
+    model = OddModel()
+    P = get_pass("swap", "stablemax")
+    assert P(P.Params()).check_module("attn", model.attn) is None  # deferred to run time
+    report = swap(model, ["attn"], "stablemax")
+    assert report.per_module["attn"]["softmax_rewritten"] == 1
+    seen, remove = collect_weights(model.attn)
+    model(torch.randint(0, 50, (2, 5)))
+    remove()
+    check_rows(seen, lambda w: torch.ones(5, 5, dtype=torch.bool).tril().expand_as(w))
