@@ -27,6 +27,7 @@ CONFIGS = {  # name: (method, sparsity, extra params); ordered by what the issue
     "magnitude 2:4": ("magnitude", "2:4", {}),
     "wanda 60%": ("wanda", "60%", {}),
     "wanda 60% + dsnot": ("wanda", "60%", {"refine": {}}),
+    "wanda 60% + dsnot (all layers)": ("wanda", "60%", {"refine": {"skip_layer": "none"}}),
     "sparsegpt 50%": ("sparsegpt", "50%", {}),
     "wanda 50%": ("wanda", "50%", {}),
     "magnitude 50%": ("magnitude", "50%", {}),
@@ -95,8 +96,15 @@ def run(args) -> None:
         del model
 
 
-def table(path: str) -> str:
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+def table(paths: str) -> str:
+    """Markdown table from one or more (comma-separated) result files, in CONFIGS order."""
+    found = {}
+    for path in paths.split(","):
+        for line in open(path):
+            if line.strip():
+                r = json.loads(line)
+                found[r["config"]] = r
+    rows = [found[c] for c in CONFIGS if c in found]
     dense = next((r["ppl"] for r in rows if r["config"] == "dense"), None)
     out = ["| config | sparsity | perplexity | vs dense | prune time (s) | eval time (s) |",
            "|---|---|---|---|---|---|"]
@@ -120,7 +128,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default="", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     ap.add_argument("--out", default="", help="append JSON lines here")
-    ap.add_argument("--table", default="", help="print the markdown table of a results file")
+    ap.add_argument("--table", default="", help="print the markdown table of result files "
+                    "(comma-separated)")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
