@@ -272,7 +272,7 @@ def run_lora(save: str | None = None):
     rows = {"base": base, "LoRA fine-tune: strings": fa, "LoRA fine-tune: exceptions": fb}
     times = {}
     for label, method, kw in (("task arithmetic (scale=1)", "task_arithmetic", {}),
-                              ("TIES (density 0.5, lambda=1)", "ties", {"density": 0.5}),
+                              ("TIES (density 0.5, scale=1)", "ties", {"density": 0.5}),
                               ("WIDEN (t=1, s=1)", "widen", {})):
         P = get_pass("merge", method)
         p = P(P.Params(models=["ft_strings", "ft_exceptions"], base="base", **kw))

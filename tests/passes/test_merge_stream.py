@@ -93,7 +93,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("method", [pytest.param("task_arithmetic", marks=pytest.mark.slow), "ties"])
 def test_streamed_merge_stays_under_a_memory_cap_smaller_than_one_model(tmp_path, method):
     """Three 64 MiB checkpoints (32 tensors of 2 MiB, two shards each) merge with resident
     memory growing by less than 48 MiB: three quarters of ONE model, a quarter of the inputs.
