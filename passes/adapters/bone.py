@@ -60,7 +60,7 @@ class Bone(ModulePass):
                 size = fin if fin % r else fout
                 return (f"bat block {r} does not divide {bad} {size} (layer is {fout}x{fin}; "
                         f"blocks dividing both: {', '.join(map(str, common[-8:])) or 'none'})")
-            if float_weight(module) is None and not _is_meta_linear(module):
+            if float_weight(module) is None:
                 return BAT_ON_QUANTIZED
         elif r > fin:
             return f"block {r} is larger than in_features {fin}"
@@ -90,7 +90,3 @@ class Bone(ModulePass):
             report.notes.append(f"block {p.block} does not divide every layer's in_features; the "
                                 "last partial block is zero-padded (as PEFT MiSS does)")
         return report
-
-
-def _is_meta_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and module.weight.is_meta

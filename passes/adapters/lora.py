@@ -144,8 +144,7 @@ class Lora(ModulePass):
             raise PassError(f"eva: no data named `{eva.data}`", param="init",
                             hint="declare it: data NAME = corpus(\"pydoc\", ...)")
         tokens = ctx.dataset(eva.data).calibration
-        steps = min(eva.max_steps, 1_000_000)
-        with ctx.progress.task("EVA: incremental SVD", total=steps) as task:
+        with ctx.progress.task("EVA: incremental SVD", total=eva.max_steps) as task:
             res = eva_components(ctx.model, modules, ranks, tokens, rho=eva.rho, tau=eva.tau,
                                  whiten=eva.whiten, batch_size=eva.batch_size,
                                  max_steps=eva.max_steps, on_step=task.advance)
