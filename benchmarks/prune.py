@@ -96,6 +96,57 @@ def run(args) -> None:
         del model
 
 
+def dsnot_layers(args) -> None:
+    """Per-layer check of DSnoT on SmolLM2: output MSE and mean error of the Wanda 60% mask with
+    and without DSnoT, calibrated on half the tokens and measured on the other half."""
+    from surgery.data import corpus
+    from surgery.models import load_model
+    from surgery.passes.prune.dsnot_core import dsnot
+    from surgery.passes.prune.masks import row_keep
+
+    torch.set_num_threads(args.threads)
+    lm = load_model("zoo:smollm2-135m")
+    ids = corpus(lm.tokenizer, "pydoc", samples=args.samples, seqlen=args.seqlen, seed=0).calibration
+    names = ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj",
+             "model.layers.3.mlp.down_proj"]
+    caps: dict[str, torch.Tensor] = {}
+
+    class Stop(Exception):
+        pass
+
+    def hook(name, last):
+        def h(mod, a):
+            caps[name] = a[0].detach().reshape(-1, a[0].shape[-1]).float()
+            if last:
+                raise Stop
+        return h
+
+    hs = [lm.model.get_submodule(n).register_forward_pre_hook(hook(n, n == names[-1]))
+          for n in names]
+    with torch.no_grad():
+        try:
+            lm.model(input_ids=ids, use_cache=False)
+        except Stop:
+            pass
+    for h in hs:
+        h.remove()
+    print("| layer | mask | held-out output MSE | mean |mean error| | swaps |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        X, W = caps[name], lm.model.get_submodule(name).weight.detach().float()
+        half = X.shape[0] // 2
+        Xc, Xt = X[:half], X[half:]
+        wanda = W.abs() * Xc.norm(dim=0)
+        keep0 = row_keep(wanda, 0.6)
+        xbar = Xc.sum(0) / (ids.shape[0] // 2)  # Σ tokens / sequences, as the pass does
+        keep = dsnot(W, keep0, wanda, wanda, xbar, Xc.var(0, unbiased=False))
+        ref = Xt @ W.T
+        for label, k in (("wanda 60%", keep0), ("+ dsnot", keep)):
+            d = Xt @ (W * k).T - ref
+            print(f"| {name} | {label} | {float((d ** 2).mean()):.5f} | "
+                  f"{float(d.mean(0).abs().mean()):.5f} | {int((k & ~keep0).sum())} |")
+
+
 def table(paths: str) -> str:
     """Markdown table from one or more (comma-separated) result files, in CONFIGS order."""
     found = {}
@@ -130,7 +181,12 @@ def main() -> None:
     ap.add_argument("--out", default="", help="append JSON lines here")
     ap.add_argument("--table", default="", help="print the markdown table of result files "
                     "(comma-separated)")
+    ap.add_argument("--dsnot-layers", action="store_true",
+                    help="per-layer DSnoT check (output error on held-out tokens) instead")
     args = ap.parse_args()
+    if args.dsnot_layers:
+        dsnot_layers(args)
+        return
     if args.table:
         print(table(args.table))
         return
