@@ -16,7 +16,7 @@ import torch.nn as nn
 from surgery.checker import CheckedProgram, Step
 from surgery.diagnostics import Diagnostic, Label, SurgeryError
 from surgery.passapi import ModelPass, ModulePass, State
-from surgery.selectors import resolve
+from surgery.selectors import Everything, resolve
 
 
 @dataclass
@@ -127,6 +127,10 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
                          f"which `{step.verb} ... {step.method}` works on", step.selector.span,
                 help=f"matched {_module_list(paths)}"))
             continue
+        if isinstance(step.selector, Everything) and type(pass_obj).requires:
+            # No `in SEL`: the statement means "wherever the required state is" (merge adapters).
+            need = type(pass_obj).requires
+            targets = [p for p in targets if need <= set(states.get(p, {}))]
         modules = {p: model.get_submodule(p) for p in targets}
         problems = [(p, r) for p, m in modules.items() if (r := pass_obj.check_module(p, m))]
         for reason, bad in _group_reasons(problems).items():
