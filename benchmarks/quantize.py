@@ -126,7 +126,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 ort_ms, rel = ort_latency(model, ids, args.repeats, args.int4_onnx, tmp)
         rows.append((label, ppl, ppl / base_ppl, secs, cpu, size, pt_ms, ort_ms, rel))
-        print(f"done: {label}: ppl {ppl:.3f}", flush=True)
+        print(f"done: {label}: ppl {ppl:.3f}, quantize {secs:.1f} s wall / {cpu:.1f} s CPU, "
+              f"{size / 2**20:.1f} MB, PyTorch {pt_ms:.1f} ms, ORT {ort_ms} ms, rel {rel}",
+              flush=True)
         del model
 
     print("\n| config | ppl | vs fp32 | quantize wall s | quantize CPU s | disk MB | PyTorch ms "
