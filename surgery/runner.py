@@ -130,8 +130,10 @@ class Runner:
         check_output_path(program, output or program.save_path)
         torch.manual_seed(self.seed)
         others = self._other_models(subject)
+        subject_name = program.subject.name if program.subject else "model"
         plan = bind(program, subject.model, subject_source=subject.source,
-                    models={n: lm.model for n, lm in others.items()} or None)
+                    models={subject_name: subject.model, **{n: lm.model for n, lm in others.items()}}
+                    if others else None)
         tokenizer = subject.tokenizer or next((lm.tokenizer for lm in others.values()
                                                if lm.tokenizer is not None), None)
         with self.progress.task("loading data", total=None):
@@ -141,7 +143,6 @@ class Runner:
         for exp in program.expectations:
             with self.progress.task(f"measuring {exp.metric} before (line {exp.line})"):
                 before[exp.line] = _metric_before(exp, subject.model, data)
-        subject_name = program.subject.name if program.subject else "model"
         ctx = RunContext(model=subject.model,
                          models={subject_name: subject.model, **{n: lm.model for n, lm in others.items()}},
                          data=data, progress=self.progress, seed=self.seed,
