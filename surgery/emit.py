@@ -143,7 +143,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     aliases = manifest.get("aliases", {})
     for alias, canonical in aliases.items():
         state[alias] = state[canonical]
-    missing, unexpected = root.load_state_dict(state, strict=False, assign=False)
+    try:
+        missing, unexpected = root.load_state_dict(state, strict=False, assign=False)
+    except RuntimeError as e:  # shape mismatches: the architecture cannot be rebuilt from config
+        raise error("E0603", f"weights in `{d}` do not fit the rebuilt architecture: "
+                             f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}",
+                    help="pass a model built with the right shapes: surgery.load(DIR, model=...)")
     if missing or unexpected:
         raise error("E0603", f"weights do not match the model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
