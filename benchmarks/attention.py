@@ -187,7 +187,8 @@ def length_run(attn: str, steps: int, batch: int, ctx: int, lengths: list[int], 
         sched.step()
     train_s = time.time() - t0
     model.eval()
-    span = (len(test) // (max(lengths) + 1)) * (max(lengths) + 1)  # the same text at every length
+    # the same held-out text at every length (at most 16 windows of the longest length)
+    span = min(len(test) // (max(lengths) + 1), 16) * (max(lengths) + 1)
     evals = {}
     with torch.no_grad():
         for length in lengths:
