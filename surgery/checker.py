@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from surgery import ast
 from surgery import registry
 from surgery.diagnostics import Diagnostic, Label, SurgeryError, did_you_mean
-from surgery.passapi import CallValue, NM, ModelPass, Pass, Percent
+from surgery.passapi import CallValue, DataRef, NM, Pass, Percent
 from surgery.selectors import Everything, Glob, Regex, Selector, SetOp, TypeSel, validate_regex
 from surgery.source import SourceFile, Span
 
@@ -454,6 +454,9 @@ class Checker:
                 self._check_data_refs(kw)
         if not ok:
             return None
+        for name in cls.data_fields():  # names of data declarations travel as DataRef
+            if isinstance(values.get(name), str):
+                values[name] = DataRef(values[name])
         try:
             params = cls.Params.model_validate(values)
         except ValidationError as e:
@@ -580,6 +583,11 @@ class Checker:
         backend = stmt.clause("to").operands[0]
         if not isinstance(backend, ast.Name):
             self.c.add("E0207", "`lower ... to` takes a backend name such as triton", backend.span)
+            return
+        if stmt.using is not None and stmt.using.func != backend.id:
+            self.c.add("E0209", f"options of `lower ... to {backend.id}` are given as "
+                       f"`using {backend.id}(...)`", stmt.using.func_span,
+                       help=f"write `using {backend.id}(...)`")
             return
         in_ = stmt.clause("in")
         sel = self._one_selector(stmt, in_.operands) if in_ else Everything(stmt.span)
