@@ -16,7 +16,7 @@ import torch.nn as nn
 from surgery.checker import CheckedProgram, Step
 from surgery.diagnostics import Diagnostic, Label, SurgeryError
 from surgery.passapi import ModelPass, ModulePass, State
-from surgery.selectors import Everything, resolve
+from surgery.selectors import resolve
 
 
 @dataclass
@@ -127,10 +127,12 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
                          f"which `{step.verb} ... {step.method}` works on", step.selector.span,
                 help=f"matched {_module_list(paths)}"))
             continue
-        if isinstance(step.selector, Everything) and type(pass_obj).requires:
-            # No `in SEL`: the statement means "wherever the required state is" (merge adapters).
-            need = type(pass_obj).requires
-            targets = [p for p in targets if need <= set(states.get(p, {}))]
+        if pass_obj.requires:
+            # A pass that needs a state (merge adapters) acts where that state is; it is an
+            # error only if no selected module has it (reported by the state check below).
+            need = pass_obj.requires
+            having = [p for p in targets if need <= set(states.get(p, {}))]
+            targets = having or targets
         modules = {p: model.get_submodule(p) for p in targets}
         problems = [(p, r) for p, m in modules.items() if (r := pass_obj.check_module(p, m))]
         for reason, bad in _group_reasons(problems).items():
@@ -160,7 +162,7 @@ _PAST = {State.MASKED: "pruned", State.QUANTIZED: "quantized", State.ADAPTED: "g
 
 def _check_states(pass_obj, step: Step, modules: dict[str, nn.Module],
                   states: dict[str, dict[State, int]], program: CheckedProgram) -> list[Diagnostic]:
-    cls = type(pass_obj)
+    cls = pass_obj  # instance attributes may refine the class's declarations (e.g. bone bat)
     # (problem kind, state, line) -> module paths
     bad: dict[tuple[str, State, int], list[str]] = {}
     for path in modules:

@@ -78,9 +78,6 @@ def test_apply_lora_then_export_peft(tmp_path):
     assert cfg["peft_type"] == "LORA" and len(cfg["target_modules"]) == 4
 
 
-@pytest.mark.xfail(reason="needs the binder to narrow a `requires` pass (merge adapters) to the "
-                          "selected modules that carry the required state; reported to the lead",
-                   strict=False)
 def test_apply_merge_adapters_and_unmerge():
     model, ids = tiny_llama(), tokens(2)
     res = surgery.apply(model, 'adapt modules("**.up_proj") with bone(block=16)\n'
