@@ -3,6 +3,7 @@
     python docs/bench/assemble.py
 """
 
+import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -24,6 +25,7 @@ def main() -> None:
     pages = [HERE / f"{name}.md" for name in ORDER if (HERE / f"{name}.md").exists()]
     pages += sorted(p for p in HERE.glob("*.md") if p not in pages)
     body = "\n\n".join(p.read_text().strip() for p in pages)
+    body = re.sub(r"\]\((?!https?:|/|bench/)([^)]+\.png)\)", r"](bench/\1)", body)  # images live here
     (HERE.parent / "benchmarks.md").write_text(HEADER + body + "\n")
 
 
