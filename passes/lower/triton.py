@@ -216,21 +216,10 @@ class LowerTriton(ModulePass):
 
 
 def _capture(model: nn.Module, targets: dict[str, nn.Module], ids: torch.Tensor) -> dict:
-    seen: dict[str, tuple[list, dict]] = {}
-    handles = []
-    for path, mod in targets.items():
-        def hook(m, args, kwargs, path=path):
-            seen.setdefault(path, (list(args), dict(kwargs)))
-        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            if hasattr(getattr(model, "config", None), "vocab_size"):
-                model(input_ids=ids, use_cache=False)
-            else:
-                model(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    from surgery.passes.attention.swap import capture_inputs
+
+    is_hf = hasattr(getattr(model, "config", None), "vocab_size")
+    seen = capture_inputs(model, targets, ids, **({"use_cache": False} if is_hf else {}))
     missing = [p for p in targets if p not in seen]
     if missing:
         raise PassError(f"`{missing[0]}` did not run on the calibration data, so the lowering "
