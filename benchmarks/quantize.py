@@ -37,6 +37,8 @@ CONFIGS = {
     "gptq4": ("int4 GPTQ g64", "gptq", {"format": "int4", "group": 64, "data": "calib"}),
     "gptq4_act": ("int4 GPTQ g64 act_order", "gptq",
                   {"format": "int4", "group": 64, "data": "calib", "act_order": True}),
+    "gptq4_ts": ("int4 GPTQ g64 true_sequential", "gptq",
+                 {"format": "int4", "group": 64, "data": "calib", "true_sequential": True}),
 }
 
 
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--configs", default="fp32,int8,rtn4,gptq4,gptq4_act")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-ppl", action="store_true", help="skip perplexity (latency/size only)")
@@ -95,7 +98,8 @@ def main() -> None:
     lm = load_model("zoo:smollm2-135m")
     evalset = corpus(lm.tokenizer, "pydoc", samples=1, seqlen=512, seed=0,
                      eval_windows=args.eval_windows)
-    calib = corpus(lm.tokenizer, "pydoc", samples=args.samples, seqlen=256, seed=0, name="calib")
+    calib = corpus(lm.tokenizer, "pydoc", samples=args.samples, seqlen=args.calib_seqlen, seed=0,
+                   name="calib")
     ids = evalset.evaluation[:1, :128].clone()
     print(f"machine: {platform.machine()} {os.cpu_count()}-core CPU, torch threads "
           f"{torch.get_num_threads()}, no GPU; torch {torch.__version__}; load average at "

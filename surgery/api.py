@@ -35,15 +35,19 @@ class Program:
     def plan(self, model: str | nn.Module | LoadedModel | None = None) -> Plan:
         """Bind to a model (default: the script's model, as a weightless skeleton)."""
         checked = self.check()
+        # A structural skeleton (no model code imported) serves unless a pass's plan-time checks
+        # run the model's forward.
+        structural = not any(step.pass_cls.plan_needs_code for step in checked.steps)
         subject = subject_for(checked, model, skeleton=not isinstance(model, (nn.Module,
-                                                                             LoadedModel)))
+                                                                             LoadedModel)),
+                              structural=structural)
         others = {}
         from surgery.models import load_skeleton
 
         for name, decl in checked.models.items():
             if checked.subject is not None and name == checked.subject.name:
                 continue
-            others[name] = load_skeleton(decl.source).model
+            others[name] = load_skeleton(decl.source, structural=structural).model
         return bind(checked, subject.model, subject_source=subject.source,
                     skeleton=subject.is_skeleton,
                     models={**({checked.subject.name: subject.model} if checked.subject else {}),

@@ -241,9 +241,18 @@ def build_skeleton(config: dict) -> nn.Module:
     return model
 
 
-def load_skeleton(source: str) -> LoadedModel:
+def load_skeleton(source: str, *, structural: bool = True) -> LoadedModel:
+    """The weightless skeleton of ``source``. With ``structural``, a cached description of the
+    module tree is used when there is one (surgery/skeleton.py: no model code is imported);
+    otherwise the architecture is built from its code and described for next time."""
+    from surgery import skeleton
+
     config = config_for(source)
-    return LoadedModel(build_skeleton(config), source, None, config, [], is_skeleton=True)
+    model = skeleton.cached(config) if structural else None
+    if model is None:
+        model = build_skeleton(config)
+        skeleton.store(config, model)
+    return LoadedModel(model, source, None, config, [], is_skeleton=True)
 
 
 def _weight_files(d: Path, trust_pickle: bool) -> list[Path]:

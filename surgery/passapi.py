@@ -163,6 +163,9 @@ class Pass:
     refusals: ClassVar[dict[State, str]] = {}
     # Which statement-level clause values the verb passes in (the compiler fills these fields).
     is_default: ClassVar[bool] = False  # used when the statement names no method
+    # Plan-time checks run the model's own code (tracing its forward), so planning must build
+    # the real architecture rather than a structural skeleton (surgery/skeleton.py).
+    plan_needs_code: ClassVar[bool] = False
 
     def __init__(self, params: PassParams):
         self.params = params

@@ -252,7 +252,7 @@ def check_output_path(program: CheckedProgram, path: str | None) -> None:
                                       help="choose a new output path or remove it first"))
 
 
-def subject_for(program: CheckedProgram, model, *, skeleton: bool,
+def subject_for(program: CheckedProgram, model, *, skeleton: bool, structural: bool = False,
                 trust_pickle: bool = False) -> LoadedModel:
     """The model a program acts on: an explicit one (source string, LoadedModel or nn.Module),
     else the script's first `model` declaration."""
@@ -270,7 +270,9 @@ def subject_for(program: CheckedProgram, model, *, skeleton: bool,
                 help='add `model base = "zoo:smollm2-135m"` or pass --model', source=program.source))
         source, span = decl.source, decl.span
     try:
-        return load_skeleton(source) if skeleton else load_model(source, trust_pickle=trust_pickle)
+        if skeleton:
+            return load_skeleton(source, structural=structural)
+        return load_model(source, trust_pickle=trust_pickle)
     except SurgeryError as e:
         for diag in e.diagnostics:
             diag.span = diag.span or span

@@ -34,6 +34,8 @@ class SwapParams(PassParams):
 class SwapPass(ModulePass):
     """Base of `swap softmax in SEL for <method>`; subclasses say which normaliser."""
 
+    plan_needs_code = True  # check_module traces the attention forward to find the softmax
+
     verb: ClassVar[str] = "swap"
     accepts = frozenset({State.MASKED, State.QUANTIZED, State.ADAPTED, State.MERGED})
     produces = frozenset({State.SWAPPED})

@@ -8,7 +8,6 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from scipy.optimize import linear_sum_assignment
 
 from .permspec import PermSpec
 
@@ -18,6 +17,8 @@ _SKIP = ("running_mean", "running_var", "num_batches_tracked")  # statistics are
 
 def lsa(C: Tensor) -> Tensor:
     """P with unit i of A matched to unit P[i] of B, maximising sum_i C[i, P[i]]."""
+    from scipy.optimize import linear_sum_assignment  # lazy: 0.5 s to import, only merges need it
+
     rows, cols = linear_sum_assignment(C.detach().cpu().numpy(), maximize=True)
     assert (rows == list(range(C.shape[0]))).all()
     return torch.as_tensor(cols, dtype=torch.long)

@@ -189,6 +189,7 @@ class PleasMerge(MergePass):
     method = "pleas"
     summary = "PLeaS: partial permutation merge with a width budget, then layer-wise least squares"
     Params = PleasParams
+    plan_needs_code = True  # extra_checks traces the model to derive permutation groups
 
     def check_models(self, models):
         if self.params.head is None:
