@@ -1,7 +1,7 @@
 """Fine-tune adapters on SmolLM2-135M with pydoc text on CPU: LoRA (gaussian), LoRA (EVA), Bone.
 
-Every method adapts q_proj and v_proj of all 30 layers with the same trainable-parameter budget
-(LoRA r=16 <-> Bone block=40: 30,720 parameters per layer), then trains for a fixed number of
+Every method adapts q_proj and o_proj (both 576x576) of all 30 layers with the same
+trainable-parameter budget (LoRA r=16 <-> Bone block=32: 36,864 parameters per layer), then trains for a fixed number of
 steps with the same optimizer, batches and seed. Prints the loss curve summary and the final
 evaluation perplexity, writes docs/bench/adapters.json and a PNG of the loss curves.
 
@@ -29,13 +29,13 @@ from surgery.progress import Progress
 from surgery.registry import get_pass
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("q_proj", "v_proj")
+TARGETS = ("q_proj", "o_proj")
 METHODS = {
     "lora-gaussian": ("lora", {"r": 16, "alpha": 32, "init": "gaussian"}),
     "lora-eva": ("lora", {"r": 16, "alpha": 32,
                           "init": CallValue(name="eva", kwargs={"data": "train", "rho": 2,
                                                                 "batch_size": 4, "max_steps": 16})}),
-    "bone": ("bone", {"block": 40}),
+    "bone": ("bone", {"block": 32}),
 }
 
 

@@ -53,17 +53,16 @@ class Bone(ModulePass):
         if reason:
             return reason
         r, fin, fout = self.params.block, module.in_features, module.out_features
-        if self.params.variant == "bat":
-            if fin % r or fout % r:
-                common = [d for d in _divisors(fin) if fout % d == 0 and d > 1]
-                bad = "in_features" if fin % r else "out_features"
-                size = fin if fin % r else fout
-                return (f"bat block {r} does not divide {bad} {size} (layer is {fout}x{fin}; "
-                        f"blocks dividing both: {', '.join(map(str, common[-8:])) or 'none'})")
-            if float_weight(module) is None:
-                return BAT_ON_QUANTIZED
-        elif r > fin:
-            return f"block {r} is larger than in_features {fin}"
+        bat = self.params.variant == "bat"
+        if fin % r or (bat and fout % r):
+            # PEFT's MiSS would zero-pad a partial last block; we refuse it: the padded block
+            # trains fewer effective weights than the budget the user asked for.
+            bad, size = ("in_features", fin) if fin % r else ("out_features", fout)
+            fits = [d for d in _divisors(fin) if d > 1 and (not bat or fout % d == 0)]
+            return (f"{self.params.variant} block {r} does not divide {bad} {size} (layer is "
+                    f"{fout}x{fin}; blocks that fit: {', '.join(map(str, fits[-8:])) or 'none'})")
+        if bat and float_weight(module) is None:
+            return BAT_ON_QUANTIZED
         return None
 
     def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
@@ -86,7 +85,4 @@ class Bone(ModulePass):
                                "trainable_percent": round(100.0 * trainable / max(total, 1), 4)})
         report.notes.append(f"{trainable:,} trainable parameters ({100.0 * trainable / max(total, 1):.3f} %"
                             f" of {total:,}); everything else is frozen")
-        if p.variant == "bone" and any(m.in_features % p.block for m in modules.values()):
-            report.notes.append(f"block {p.block} does not divide every layer's in_features; the "
-                                "last partial block is zero-padded (as PEFT MiSS does)")
         return report

@@ -147,15 +147,15 @@ class BoneLinear(AdapterLayer):
         super().__init__(base_layer)
         self.block, self.variant, self.dropout_p = int(block), variant, float(dropout)
         dtype, device = adapter_dtype(base_layer), base_device(base_layer)
+        if variant not in ("bone", "bat"):
+            raise ValueError(f"unknown Bone variant {variant!r}")
+        if self.in_features % self.block or (variant == "bat" and self.out_features % self.block):
+            raise ValueError(f"{variant} block {block} must divide in_features {self.in_features}"
+                             + (f" and out_features {self.out_features}" if variant == "bat" else ""))
         if variant == "bone":
             shape = (self.block, self.out_features)
-        elif variant == "bat":
-            if self.in_features % self.block or self.out_features % self.block:
-                raise ValueError(f"bat block {block} must divide in_features {self.in_features} "
-                                 f"and out_features {self.out_features}")
-            shape = (self.out_features // self.block, self.block, self.block)
         else:
-            raise ValueError(f"unknown Bone variant {variant!r}")
+            shape = (self.out_features // self.block, self.block, self.block)
         self.bone_block = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.bone_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -176,8 +176,7 @@ class BoneLinear(AdapterLayer):
 
     def _bone_tiles(self) -> torch.Tensor:
         """B^T tiled along the input dim: the (out, in) matrix that `bone` adds to W."""
-        reps = -(-self.in_features // self.block)
-        return self.bone_block.float().t().repeat(1, reps)[:, : self.in_features]
+        return self.bone_block.float().t().repeat(1, self.in_features // self.block)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.variant == "bat":
@@ -190,9 +189,7 @@ class BoneLinear(AdapterLayer):
             return out.to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
         out_dtype, r = result.dtype, self.block
-        pad = (-x.shape[-1]) % r
-        h = F.pad(x, (0, pad)) if pad else x
-        h = self.bone_dropout(h.to(self.bone_block.dtype))
+        h = self.bone_dropout(x.to(self.bone_block.dtype))
         result = result + h.reshape(*h.shape[:-1], h.shape[-1] // r, r).sum(dim=-2) @ self.bone_block
         return result.to(out_dtype)
 

@@ -75,7 +75,7 @@ def train(model, ids, steps: int = 3, lr: float = 1e-2) -> None:
     ("lora", {"r": 4, "init": "gaussian", "rslora": True}),
     ("lora", {"r": 4, "init": CallValue(name="eva", kwargs={"data": "calib"})}),
     ("bone", {"block": 16}),
-    ("bone", {"block": 48}),  # 64 % 48 != 0: zero-padded last block
+    ("bone", {"block": 32}),
     ("bone", {"block": 16, "variant": "bat"}),
 ])
 def test_zero_init_leaves_outputs_unchanged(method, params):
@@ -122,7 +122,7 @@ def test_init_is_deterministic_per_seed():
 @pytest.mark.parametrize("method,params", [
     ("lora", {"r": 4, "alpha": 16}),
     ("bone", {"block": 16}),
-    ("bone", {"block": 48}),
+    ("bone", {"block": 32}),
     ("bone", {"block": 16, "variant": "bat"}),
 ])
 def test_merge_matches_unmerged_and_unmerge_round_trips(method, params):
@@ -152,17 +152,19 @@ def test_merge_matches_unmerged_and_unmerge_round_trips(method, params):
 
 
 def test_bone_merged_weight_formula():
-    lin = nn.Linear(10, 6, bias=False)
-    layer = BoneLinear(lin, 4)  # 10 % 4 = 2: partial last block
+    lin = nn.Linear(12, 6, bias=False)
+    layer = BoneLinear(lin, 4)
     with torch.no_grad():
         layer.bone_block.copy_(torch.randn(4, 6))
     w, b = lin.weight.detach(), layer.bone_block.detach()
     merged = layer.merged_weight(w)
     for o in range(6):
-        for col in range(10):
+        for col in range(12):
             assert torch.isclose(merged[o, col], w[o, col] + b[col % 4, o])
-    x = torch.randn(3, 10)
+    x = torch.randn(3, 12)
     assert torch.allclose(layer(x), x @ merged.T, atol=1e-6)
+    with pytest.raises(ValueError, match="bone block 5 must divide in_features 12"):
+        BoneLinear(lin, 5)
 
 
 def test_bat_formula_and_inverse():
@@ -354,7 +356,10 @@ def test_check_module_reasons():
     reason = bat.check_module("model.layers.0.mlp.up_proj", lin)
     assert "bat block 128 does not divide in_features 576" in reason and "192" in reason
     assert B(B.Params(block=64, variant="bat")).check_module("x", lin) is None
-    assert B(B.Params(block=1024)).check_module("x", lin) == "block 1024 is larger than in_features 576"
+    assert B(B.Params(block=1024)).check_module("x", lin).startswith(
+        "bone block 1024 does not divide in_features 576")
+    reason = B(B.Params(block=40)).check_module("x", lin)
+    assert "bone block 40 does not divide in_features 576" in reason and "288, 576" in reason
     already = LoraLinear(nn.Linear(4, 4), 2, 2)
     assert "already has an adapter" in lora.check_module("x", already)
     assert lora.is_leaf(lin) and not lora.is_leaf(already) and not lora.is_leaf(nn.Embedding(3, 3))

@@ -32,11 +32,14 @@ def test_bad_input_is_reported_with_line_layer_and_reason():
     assert "eva needs calibration data" in by_line[4]["message"]
 
     errs = plan_errors('adapt modules("**.up_proj") with bone(block=100, variant=bat)\n'
-                       'adapt modules("model.embed_tokens") with lora(r=4)\n')
+                       'adapt modules("model.embed_tokens") with lora(r=4)\n'
+                       'adapt modules("**.q_proj") with bone(block=40)\n')
     by_line = {e["location"]["line"]: e for e in errs}
     assert "model.layers.0.mlp.up_proj" in by_line[3]["message"]
     assert "bat block 100 does not divide in_features 576" in by_line[3]["message"]
     assert "model.embed_tokens" in by_line[4]["help"] and "Linear" in by_line[4]["message"]
+    assert "bone block 40 does not divide in_features 576" in by_line[5]["message"]
+    assert "model.layers.0.self_attn.q_proj" in by_line[5]["message"]
 
 
 def test_eva_data_name_is_checked():

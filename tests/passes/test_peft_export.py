@@ -47,7 +47,6 @@ CASES = [
     ("lora-gaussian-rslora", "lora", {"r": 4, "alpha": 8, "init": "gaussian", "rslora": True}),
     ("lora-eva", "lora", {"r": 4, "alpha": 8, "init": EVA}),
     ("bone", "bone", {"block": 16}),
-    ("bone-padded", "bone", {"block": 48}),
     ("bat", "bone", {"block": 16, "variant": "bat"}),
 ]
 
