@@ -24,8 +24,14 @@ VAR_FLOOR = 1e-12
 
 def dsnot(W: torch.Tensor, keep: torch.Tensor, initial_metric: torch.Tensor, wanda_metric: torch.Tensor,
           mean: torch.Tensor, var: torch.Tensor, *, n: int | None = None, m: int | None = None,
-          max_cycles: int = 50, threshold: float = 0.1, gamma: float = 1.0) -> torch.Tensor:
-    """Return the refined keep mask (same number of kept weights in every row / N:M group)."""
+          max_cycles: int = 50, threshold: float = 0.1, gamma: float = 1.0,
+          same_sign: bool = True) -> torch.Tensor:
+    """Return the refined keep mask (same number of kept weights in every row / N:M group).
+
+    ``same_sign=False`` drops the sign condition (a swap then needs only |e_i| > threshold): what
+    the reference runs for unstructured sparsity by default (its ``--without_same_sign`` is a
+    ``type=bool`` flag defaulting to True); ops.md §7.2 and the reference's N:M path keep it.
+    """
     W = W.float()
     rows, cols = W.shape
     keep = keep.clone()
@@ -71,7 +77,9 @@ def dsnot(W: torch.Tensor, keep: torch.Tensor, initial_metric: torch.Tensor, wan
             pi = cols_g.gather(1, best.view(-1, 1)).view(-1)
         valid = in_range & ~keep[ar, gi] & keep[ar, pi]
         e_after = e + dm[ar, pi] - dm[ar, gi]
-        ok = (e.abs() > threshold) & (torch.sign(e_after) == sign0)
+        ok = e.abs() > threshold
+        if same_sign:
+            ok &= torch.sign(e_after) == sign0
         accept = active & valid & ok
         active &= in_range & (~valid | ok)  # a rejected valid swap freezes the row
         keep[ar[accept], pi[accept]] = False

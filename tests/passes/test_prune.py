@@ -183,6 +183,107 @@ def test_dsnot_zero_variance_column_does_not_break():
     assert int(keep.sum()) == W.numel() // 2
 
 
+def _dsnot_oracle(W, keep, initial, wanda, mean, var, n=None, m=None, max_cycles=50,
+                  threshold=0.1, gamma=1.0, same_sign=True):
+    """ops.md §7.2 DSnoT written row by row with Python lists (the spec, not the vectorised code)."""
+    dm = (W * mean.view(1, -1)).tolist()
+    key = (W * mean.view(1, -1) / var.clamp_min(1e-12).view(1, -1) ** gamma).tolist()
+    keep, init = keep.clone(), keep.clone()
+    for i in range(W.shape[0]):
+        pruned = [j for j in range(W.shape[1]) if not init[i, j]]
+        kept = [j for j in range(W.shape[1]) if init[i, j]]
+        e = sum(dm[i][j] for j in pruned)
+        s0 = (e > 0) - (e < 0)
+        grow_up = sorted(pruned, key=lambda j: -key[i][j])  # e > 0: largest first
+        grow_down = sorted(pruned, key=lambda j: key[i][j])  # e <= 0: smallest first
+        pool = (sorted([j for j in kept if dm[i][j] < 0], key=lambda j: wanda[i, j].item())
+                + [j for j in kept if dm[i][j] == 0]
+                + sorted([j for j in kept if dm[i][j] > 0], key=lambda j: -wanda[i, j].item()))
+        hi = lo = pf = 0
+        pb = len(pool) - 1
+        for _ in range(max_cycles):
+            if e > 0:
+                if hi >= len(grow_up):
+                    break
+                g, hi = grow_up[hi], hi + 1
+            else:
+                if lo >= len(grow_down):
+                    break
+                g, lo = grow_down[lo], lo + 1
+            if n is None:
+                if pf > pb:
+                    break
+                if e >= 0:
+                    p, pf = pool[pf], pf + 1
+                else:
+                    p, pb = pool[pb], pb - 1
+            else:  # the still kept, initially kept weight of g's group with the least metric
+                group = [j for j in range(g - g % m, g - g % m + m) if init[i, j] and keep[i, j]]
+                if not group:
+                    break
+                p = min(group, key=lambda j: initial[i, j].item())
+            if keep[i, g] or not keep[i, p]:
+                continue  # not a valid swap: skipped
+            after = e + dm[i][p] - dm[i][g]
+            if abs(e) > threshold and (((after > 0) - (after < 0)) == s0 or not same_sign):
+                keep[i, p], keep[i, g], e = False, True, after
+            else:
+                break  # the first rejection freezes the row
+    return keep
+
+
+@pytest.mark.parametrize("nm,threshold,seed,same_sign", [
+    (None, 0.1, 0, True), (None, 2.0, 1, True), ((2, 4), 0.1, 2, True), ((1, 4), 0.5, 3, True),
+    (None, 0.1, 4, False),  # the reference's unstructured default (--without_same_sign)
+])
+def test_dsnot_equals_the_row_by_row_spec(nm, threshold, seed, same_sign):
+    X, W, scores, mean, var = _dsnot_case(seed, rows=24, cols=64)
+    mean = mean * 8  # x̄ as Σ_tokens x / n_sequences: errors well above the threshold
+    n, m = nm or (None, None)
+    keep0 = nm_keep(scores, n, m) if nm else row_keep(scores, 0.6)
+    got = dsnot(W, keep0, scores, scores, mean, var, n=n, m=m, threshold=threshold,
+                same_sign=same_sign)
+    want = _dsnot_oracle(W, keep0, scores, scores, mean, var, n=n, m=m, threshold=threshold,
+                         same_sign=same_sign)
+    assert not torch.equal(want, keep0)
+    assert torch.equal(got, want)
+    assert torch.equal(got.sum(1), keep0.sum(1))
+    if same_sign:  # the sign of every row's expected error is kept
+        e0, e1 = ((W * ~keep0) @ mean), ((W * ~got) @ mean)
+        assert torch.equal(torch.sign(e0), torch.sign(e1))
+
+
+def test_sparsegpt_pass_is_layer_sequential_like_the_reference():
+    """The reference order (sparsegpt: llama_sequential): all 7 Linears of block l get their
+    Hessians from one forward of block l with its original weights, whose inputs are the outputs
+    of the already pruned blocks < l; then all 7 are pruned; then block l is re-run pruned."""
+    from surgery.passes.calib import LinearStats
+
+    model = tiny_llama()
+    run("sparsegpt", model, Percent(value=50), data="calib")
+    ref = tiny_llama()
+    calib = dataset().calibration
+    for layer in range(2):
+        paths = [p for p in block_linears(ref) if p.startswith(f"model.layers.{layer}.")]
+        assert len(paths) == 7
+        stats = {p: LinearStats(ref.get_submodule(p).in_features) for p in paths}
+        hooks = [ref.get_submodule(p).register_forward_hook(
+            (lambda p: lambda mod, i, o: stats[p].add(i[0]))(p)) for p in paths]
+        with torch.no_grad():
+            ref(input_ids=calib, use_cache=False)  # blocks < layer already pruned
+        for h in hooks:
+            h.remove()
+        for p in paths:
+            lin = ref.get_submodule(p)
+            Wn, _ = sparsegpt(lin.weight.detach(), stats[p].hessian(), fraction=0.5)
+            with torch.no_grad():
+                lin.weight.copy_(Wn)
+    got, want = block_linears(model), block_linears(ref)
+    for p in got:
+        torch.testing.assert_close(got[p].weight, want[p].weight, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got[p].weight_mask, want[p].weight != 0), p
+
+
 # --- parameters and bind-time checks ----------------------------------------------------------
 
 @pytest.mark.parametrize("sparsity,message", [
