@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from surgery.checker import CheckedProgram, Step
 from surgery.diagnostics import Diagnostic, Label, SurgeryError
-from surgery.passapi import ModelPass, ModulePass, State
+from surgery.passapi import MachineProblem, ModelPass, ModulePass, ShapeProblem, State
 from surgery.selectors import resolve
 
 
@@ -136,11 +136,10 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
         modules = {p: model.get_submodule(p) for p in targets}
         problems = [(p, r) for p, m in modules.items() if (r := pass_obj.check_module(p, m))]
         for reason, bad in _group_reasons(problems).items():
-            if "CUDA" in reason or "GPU" in reason:  # the machine, not the modules, is the problem
-                diags.append(Diagnostic("E0803", reason, step.stmt.span,
-                                        help="run this step on a machine with a CUDA GPU"))
+            if isinstance(reason, MachineProblem):  # the machine, not the modules, is the problem
+                diags.append(Diagnostic("E0803", reason, step.stmt.span, help=reason.hint))
                 continue
-            code = "E0402" if any(w in reason for w in ("divide", "shape", "multiple")) else "E0401"
+            code = "E0402" if isinstance(reason, ShapeProblem) else "E0401"
             diags.append(Diagnostic(code, f"cannot {step.verb} {_module_list(bad)}: {reason}",
                                     step.stmt.span,
                                     help=f"{len(bad)} of {len(modules)} selected modules are "

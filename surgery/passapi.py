@@ -110,6 +110,23 @@ class StepReport:
         }
 
 
+class ShapeProblem(str):
+    """A `check_module` reason about sizes (a group or block that does not divide a dimension).
+    Reported as E0402; a plain string reason is E0401 (the module cannot take this pass)."""
+
+
+class MachineProblem(str):
+    """A `check_module` reason about this machine (no GPU, a missing package), not the modules:
+    reported once per statement as E0803, with ``hint`` as the help line."""
+
+    hint: str
+
+    def __new__(cls, text: str, hint: str = "run this step on a machine with a CUDA GPU"):
+        obj = super().__new__(cls, text)
+        obj.hint = hint
+        return obj
+
+
 class PassError(Exception):
     """Raised by a pass for a problem the user caused (bad shapes, missing data ...).
 

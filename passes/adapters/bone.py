@@ -7,7 +7,8 @@ from typing import Literal
 import torch.nn as nn
 from pydantic import Field
 
-from surgery.passapi import ModulePass, PassError, PassParams, RunContext, State, StepReport, replace_module
+from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, ShapeProblem, State,
+                             StepReport, replace_module)
 from surgery.passes.adapters.common import (ADAPT_ACCEPTS, ADAPT_REFUSALS, float_weight,
                                             freeze_all_but_adapters, is_linear_like,
                                             unsupported_reason)
@@ -59,8 +60,9 @@ class Bone(ModulePass):
             # trains fewer effective weights than the budget the user asked for.
             bad, size = ("in_features", fin) if fin % r else ("out_features", fout)
             fits = [d for d in _divisors(fin) if d > 1 and (not bat or fout % d == 0)]
-            return (f"{self.params.variant} block {r} does not divide {bad} {size} (layer is "
-                    f"{fout}x{fin}; blocks that fit: {', '.join(map(str, fits[-8:])) or 'none'})")
+            return ShapeProblem(f"{self.params.variant} block {r} does not divide {bad} {size} "
+                                f"(layer is {fout}x{fin}; blocks that fit: "
+                                f"{', '.join(map(str, fits[-8:])) or 'none'})")
         if bat and float_weight(module) is None:
             return BAT_ON_QUANTIZED
         return None

@@ -7,8 +7,8 @@ from typing import Any, Literal
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from surgery.passapi import (CallValue, ModulePass, PassError, PassParams, RunContext, State,
-                             StepReport, replace_module)
+from surgery.passapi import (CallValue, ModulePass, PassError, PassParams, RunContext,
+                             ShapeProblem, State, StepReport, replace_module)
 from surgery.passes.adapters.common import (ADAPT_ACCEPTS, ADAPT_REFUSALS, freeze_all_but_adapters,
                                             generator_for, is_linear_like, unsupported_reason)
 from surgery.passes.adapters.layers import LoraLinear
@@ -95,7 +95,8 @@ class Lora(ModulePass):
             return reason
         r = self.params.r
         if isinstance(self.params.init, EvaInit) and r > module.in_features:
-            return f"r={r} exceeds in_features {module.in_features}: EVA cannot find that many components"
+            return ShapeProblem(f"r={r} exceeds in_features {module.in_features}: EVA cannot find "
+                                "that many components")
         return None
 
     def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:

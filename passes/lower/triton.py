@@ -21,7 +21,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 from torch.utils._pytree import tree_leaves
 
-from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, State,
+from surgery.passapi import (MachineProblem, ModulePass, PassError, PassParams, RunContext, State,
                              StepReport)
 from surgery.passes.lower import runtime, sites
 from surgery.registry import register
@@ -33,8 +33,9 @@ KNOWN_OPS = ("stablemax", "log_stablemax", "softmax", "softplus_attention", "int
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 5e-3,
              torch.bfloat16: 3e-2}
 
-NO_GPU = "lowering to triton needs a CUDA GPU; none is available"
-NO_TRITON = "lowering to triton needs the triton package (pip install 'surgery[triton]')"
+NO_GPU = MachineProblem("lowering to triton needs a CUDA GPU; none is available")
+NO_TRITON = MachineProblem("lowering to triton needs the triton package",
+                           hint="pip install 'surgery[triton]'")
 
 
 def cuda_available() -> bool:

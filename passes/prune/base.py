@@ -10,7 +10,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from surgery.passapi import (NM, CallValue, ModulePass, PassError, PassParams, Percent,
-                             RunContext, State, StepReport, replace_module)
+                             RunContext, ShapeProblem, State, StepReport, replace_module)
 
 from surgery.passes.calib import LinearStats, calibrate_sequential
 
@@ -112,7 +112,7 @@ class PrunePass(ModulePass):
     def check_module(self, path: str, module: nn.Module) -> str | None:
         for m in sorted(self.group_sizes()):
             if module.in_features % m:
-                return f"M={m} does not divide in_features {module.in_features}"
+                return ShapeProblem(f"M={m} does not divide in_features {module.in_features}")
         if isinstance(module, SparseLinear) and module.training_config is not None:
             return "it is set up for sparse training; finalize the training first"
         return None

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator, model_validator
 
-from surgery.passapi import ModulePass, PassParams, State, StepReport
+from surgery.passapi import ModulePass, PassParams, ShapeProblem, State, StepReport
 from surgery.passes.quantize.formats import ClipSearch, Format
 from surgery.passes.quantize.qlinear import QuantLinear
 
@@ -88,8 +88,9 @@ class QuantizePass(ModulePass):
         p = self.params
         if p.group is not None and module.in_features % p.group:
             groups = ", ".join(map(str, valid_groups(module.in_features)))
-            return (f"group {p.group} does not divide in_features {module.in_features} "
-                    f"(valid groups: {groups}; or omit group for per-channel)")
+            return ShapeProblem(f"group {p.group} does not divide in_features "
+                                f"{module.in_features} (valid groups: {groups}; or omit group "
+                                "for per-channel)")
         return None
 
     def estimate_memory(self, modules: dict[str, nn.Module]) -> int:
