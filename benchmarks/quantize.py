@@ -37,6 +37,8 @@ CONFIGS = {
     "gptq4": ("int4 GPTQ g64", "gptq", {"format": "int4", "group": 64, "data": "calib"}),
     "gptq4_act": ("int4 GPTQ g64 act_order", "gptq",
                   {"format": "int4", "group": 64, "data": "calib", "act_order": True}),
+    "gptq4_clip": ("int4 GPTQ g64 clip", "gptq",
+                   {"format": "int4", "group": 64, "data": "calib", "clip": True}),
     "gptq4_ts": ("int4 GPTQ g64 true_sequential", "gptq",
                  {"format": "int4", "group": 64, "data": "calib", "true_sequential": True}),
 }
