@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -27,30 +29,15 @@ from surgery.passes.merge.bn import recompute_bn_stats
 from surgery.passes.merge.heads import ConcatHeads
 from surgery.passes.merge.matching import weight_matching
 from surgery.passes.merge.permspec import apply_perm, derive_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.passes.merge_nets import ResCNN  # noqa: E402 - the same nets the tests use
 from surgery.passes.merge.pleas import pleas_merge
 
 torch.set_num_threads(int(__import__('os').environ.get('BENCH_THREADS', '2')))
 
 
 # --- digits --------------------------------------------------------------------------------
-
-class ResCNN(nn.Module):
-    def __init__(self, w=16, classes=10):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w)
-        self.c2, self.b2 = nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w)
-        self.c3, self.b3 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w)
-        self.c4, self.b4 = nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w)
-        self.sc = nn.Conv2d(w, 2 * w, 1, stride=2)
-        self.fc = nn.Linear(2 * w, classes)
-
-    def forward(self, x):
-        x = F.relu(self.b1(self.c1(x)))
-        x = x + F.relu(self.b2(self.c2(x)))
-        x = self.sc(x) + F.relu(self.b3(self.c3(x)))
-        x = x + F.relu(self.b4(self.c4(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
 
 def make(kind, classes, seed):
     torch.manual_seed(seed)
