@@ -100,14 +100,27 @@ def main() -> None:
                   seed=0, name="train", eval_windows=args.eval_windows)
     base_ppl = perplexity(lm.model, data.evaluation)
     del lm
-    results = [run(name, args, data, data.evaluation) for name in args.methods.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.methods.split(","):
+        # Each method's result is kept as it finishes, so an interrupted run resumes.
+        part = out / f"adapters_{name}.json"
+        key = {k: v for k, v in vars(args).items() if k not in ("methods", "out")}
+        if part.exists() and json.loads(part.read_text())["args"] == key:
+            results.append(json.loads(part.read_text())["result"])
+            continue
+        results.append(run(name, args, data, data.evaluation))
+        part.write_text(json.dumps({"args": key, "result": results[-1]}))
+        print(f"done: {name}: eval ppl {results[-1]['eval_ppl']:.3f}, "
+              f"{results[-1]['train_seconds']:.0f} s", flush=True)
 
     n = args.steps
     k = max(1, n // 10)
     print(f"SmolLM2-135M, pydoc, {n} steps x batch {args.batch} x seqlen {args.seqlen}, "
           f"AdamW lr {args.lr} (warmup {max(1, n // 10)}), targets {'/'.join(TARGETS)}, "
           f"{platform.processor() or platform.machine()} 2-core CPU, no GPU")
-    print(f"base model eval perplexity: {base_ppl:.3f}")
+    print(f"base model eval perplexity: {base_ppl:.3f}", flush=True)
     print("| method | trainable params | init s | loss first 10% | loss mid 10% | loss last 10% "
           "| eval ppl | train s/step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -121,8 +134,6 @@ def main() -> None:
                                     window_mean(r["losses"], max(0, i - 9), i + 1) <= thr), None)
                  for r in results}
         print(f"first step with 10-step mean loss <= {thr}: {reach}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "adapters.json").write_text(json.dumps(
         {"args": vars(args), "base_ppl": base_ppl, "results": results}, indent=1))
     plot(results, base_ppl, out / "adapters_loss.png", args)
