@@ -1,7 +1,10 @@
 """Quality on the real SmolLM2-135M (slow): the issue's ordering and thresholds.
 
-Every Linear in the decoder blocks is pruned; calibration 16 x 256 pydoc tokens, evaluation on
-4096 disjoint pydoc tokens (seqlen 512). benchmarks/prune.py measures the same with timings.
+Every Linear in the decoder blocks is pruned; calibration on pydoc windows (seed 0): 16 x 256
+tokens for the 2:4 ordering, 128 x 512 tokens (the issue-4 measurements) for the SparseGPT 50%
+bound and DSnoT; evaluation on 4096 disjoint pydoc tokens (seqlen 512). benchmarks/prune.py
+measures the same with timings (docs/bench/prune.md). On the loaded 2-core CPU each 128 x 512 run
+takes 10-20 minutes.
 """
 
 import copy
@@ -16,6 +19,9 @@ from surgery.registry import get_pass
 
 pytestmark = pytest.mark.slow
 
+SMALL = (16, 256)  # calibration samples x seqlen
+ISSUE4 = (128, 512)
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -25,21 +31,24 @@ def setup():
 
     torch.manual_seed(0)
     lm = load_model("zoo:smollm2-135m")
-    calib = corpus(lm.tokenizer, "pydoc", samples=16, seqlen=256, seed=0, name="calib")
+    calibs = {}
     ev = corpus(lm.tokenizer, "pydoc", samples=1, seqlen=512, seed=0, eval_windows=8).evaluation
     assert ev.numel() >= 4096
     cache = {"dense": perplexity(lm.model, ev)}
 
-    def ppl(method, sparsity, **kw):
-        key = (method, str(sparsity), repr(kw))
+    def ppl(method, sparsity, calib=SMALL, **kw):
+        key = (method, str(sparsity), calib, repr(kw))
         if key not in cache:
+            if calib not in calibs:
+                calibs[calib] = corpus(lm.tokenizer, "pydoc", samples=calib[0], seqlen=calib[1],
+                                       seed=0, name="calib")
             model = copy.deepcopy(lm.model)
             P = get_pass("prune", method)
             targets = {n: m for n, m in model.named_modules()
                        if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
             P(P.Params(sparsity=sparsity, **kw)).apply(
-                RunContext(model=model, models={}, data={"calib": calib}, progress=Progress()),
-                targets)
+                RunContext(model=model, models={}, data={"calib": calibs[calib]},
+                           progress=Progress()), targets)
             cache[key] = perplexity(model, ev)
         return cache[key]
 
@@ -54,18 +63,30 @@ def test_nm_quality_ordering(setup):
     assert sgpt < wanda < mag
 
 
-@pytest.mark.xfail(strict=False, reason="measured 15.79 vs dense 9.82 (1.61x) with 16x256 pydoc "
-                   "calibration tokens on the 2-core CPU (docs/bench/prune.md); the issue's 1.4x "
-                   "bound is not met at this calibration size")
+@pytest.mark.xfail(strict=False, reason="measured 14.86 vs dense 9.82 (1.51x) with 128x512 pydoc "
+                   "calibration tokens (15.79, 1.61x with 16x256) on the 2-core CPU "
+                   "(docs/bench/prune.md); the implementation matches the reference (tested), "
+                   "the issue's 1.4x bound is not met at these calibration sizes")
 def test_sparsegpt_50_percent_within_1_4x_dense(setup):
     cache, ppl = setup
-    assert ppl("sparsegpt", Percent(value=50), data="calib") <= 1.4 * cache["dense"]
+    assert ppl("sparsegpt", Percent(value=50), ISSUE4, data="calib") <= 1.4 * cache["dense"]
 
 
-def test_dsnot_improves_wanda_60_percent(setup):
-    # measured: 46.70 -> 44.57 refining every layer; with the reference default skip_layer="mlp"
-    # (attention only) it went to 48.15 (docs/bench/prune.md)
+def test_dsnot_on_every_layer_improves_wanda_60_percent(setup):
+    # measured with 128x512: 45.42 -> 42.38 (16x256: 46.70 -> 44.57), docs/bench/prune.md
     cache, ppl = setup
-    plain = ppl("wanda", Percent(value=60), data="calib")
-    refined = ppl("wanda", Percent(value=60), data="calib", refine={"skip_layer": "none"})
+    plain = ppl("wanda", Percent(value=60), ISSUE4, data="calib")
+    refined = ppl("wanda", Percent(value=60), ISSUE4, data="calib",
+                  refine={"skip_layer": "none"})
+    assert refined < plain
+
+
+@pytest.mark.xfail(strict=False, reason="measured 45.42 -> 45.55 with 128x512 pydoc calibration "
+                   "tokens (16x256: 46.70 -> 48.15): with the reference default "
+                   "skip_layer='mlp' only attention is refined, and on SmolLM2-135M that does not "
+                   "lower perplexity; refining every layer does (test above)")
+def test_dsnot_default_improves_wanda_60_percent(setup):
+    cache, ppl = setup
+    plain = ppl("wanda", Percent(value=60), ISSUE4, data="calib")
+    refined = ppl("wanda", Percent(value=60), ISSUE4, data="calib", refine={})
     assert refined < plain
