@@ -3,12 +3,16 @@
 1. grokking  (Prieto et al., "Grokking at the Edge of Numerical Stability"): modular addition,
    MLP, no weight decay, float32. Softmax cross-entropy vs StableMax cross-entropy vs softmax
    cross-entropy with perpGrad; test accuracy over steps and the Softmax-Collapse fraction (train
-   samples whose float32 softmax gradient is exactly zero).
+   samples whose float32 softmax gradient is exactly zero). Set up as the reference code
+   (run_main_experiments.sh, models.py): one-hot(a) ++ one-hot(b) inputs, MLP 2p-200-200-p
+   *without biases*, full batch, AdamW lr 0.01, eps 1e-25, beta2 0.999 for StableMax and 0.99
+   otherwise, train fraction 0.4; StableMax CE computed in float64 as the reference does.
 2. length    (Gao & Spratling, "Softplus Attention with Re-weighting ..."): the same tiny causal
    LLaMA (byte-level, RoPE) trained on pydoc text at context 128 with softmax, LSSA and LSSAR
    attention (the latter two made by the `swap` passes); held-out loss at 128 ... 2048 tokens.
 
-Usage: python benchmarks/attention.py [grokking|length|all] [--out DIR] [--quick]
+Usage: python benchmarks/attention.py [grokking|length|all] [--out DIR] [--quick] [--threads 1]
+       grokking options: --modulus --grok-steps --grok-losses --grok-lr --train-fraction --stop-acc --tag
 Prints markdown tables, writes <out>/attention_<exp>.json and PNG plots.
 """
 
@@ -49,18 +53,32 @@ def modular_addition(p: int, train_fraction: float, seed: int, device):
 
 
 def grokking_run(loss_name: str, steps: int, p: int, device, seed: int = 0, eval_every: int = 100,
-                 lr: float = 0.01) -> dict:
-    xtr, ytr, xte, yte = modular_addition(p, 0.4, seed, device)
+                 lr: float = 0.01, train_fraction: float = 0.4, stop_acc: float | None = None,
+                 progress: bool = False, bias: bool = False, beta2: float | None = None,
+                 checkpoint: Path | None = None) -> dict:
+    xtr, ytr, xte, yte = modular_addition(p, train_fraction, seed, device)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(2 * p, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
-                          nn.Linear(200, p)).to(device)
-    kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-25, weight_decay=0.0)
+    # The reference MLP for modular arithmetic has no biases (models.MLP(..., bias=False)): a
+    # homogeneous network, whose logits grow with the weight norm (the paper's NLM direction).
+    model = nn.Sequential(nn.Linear(2 * p, 200, bias=bias), nn.ReLU(), nn.Linear(200, 200, bias=bias), nn.ReLU(),
+                          nn.Linear(200, p, bias=bias)).to(device)
+    beta2 = beta2 if beta2 is not None else REFERENCE_BETA2[loss_name]
+    kw = dict(lr=lr, betas=(0.9, beta2), eps=1e-25, weight_decay=0.0)
     if loss_name == "softmax+perpgrad":
         opt = OrthoGrad(model.parameters(), torch.optim.AdamW, **kw)
     else:
         opt = torch.optim.AdamW(model.parameters(), **kw)
     hist = {"step": [], "test_acc": [], "train_acc": [], "collapse": []}
-    for step in range(steps + 1):
+    start, elapsed, t0 = 0, 0.0, time.time()
+    if checkpoint is not None and checkpoint.exists():  # resume an interrupted run
+        ck = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        hist, start, elapsed = ck["hist"], ck["step"], ck["seconds"]
+        hist = {k: v[:-1] for k, v in hist.items()}  # the checkpoint step is evaluated again below
+        if progress:
+            print(f"  [{loss_name}] resumed at step {start} from {checkpoint}", flush=True)
+    for step in range(start, steps + 1):
         logits = model(xtr)
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
@@ -72,6 +90,14 @@ def grokking_run(loss_name: str, steps: int, p: int, device, seed: int = 0, eval
                 norm = stablemax if loss_name == "stablemax" else torch.softmax
                 prob = norm(logits.float(), -1).gather(1, ytr[:, None]).squeeze(1)
                 hist["collapse"].append(float((prob == 1.0).float().mean()))
+                if progress:
+                    print(f"  [{loss_name}] step {step}: train {hist['train_acc'][-1]:.3f} test "
+                          f"{hist['test_acc'][-1]:.3f} collapse {hist['collapse'][-1]:.1%}", flush=True)
+                if checkpoint is not None:
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "hist": hist,
+                                "step": step, "seconds": elapsed + time.time() - t0}, checkpoint)
+                if stop_acc is not None and hist["test_acc"][-1] >= stop_acc:
+                    break  # generalised: the rest of the budget adds nothing to the comparison
         if step == steps:
             break
         if loss_name == "stablemax":
@@ -84,30 +110,69 @@ def grokking_run(loss_name: str, steps: int, p: int, device, seed: int = 0, eval
     first = next((s for s, a in zip(hist["step"], hist["test_acc"]) if a >= 0.95), None)
     return {"loss": loss_name, "final_test_acc": hist["test_acc"][-1], "best_test_acc": max(hist["test_acc"]),
             "final_train_acc": hist["train_acc"][-1], "step_test_95": first,
-            "final_collapse": hist["collapse"][-1], "history": hist}
+            "final_collapse": hist["collapse"][-1], "max_collapse": max(hist["collapse"]),
+            "steps_run": hist["step"][-1], "seconds": round(elapsed + time.time() - t0, 1), "history": hist}
 
 
-def grokking(out: Path, quick: bool, modulus: int | None = None, steps: int | None = None) -> dict:
+GROK_LOSSES = ("softmax", "stablemax", "softmax+perpgrad")
+# Adam beta2 of the reference runs (run_main_experiments.sh): StableMax 0.999, perpGrad and the
+# float32 softmax (Softmax Collapse) runs use the reference default 0.99.
+REFERENCE_BETA2 = {"softmax": 0.99, "stablemax": 0.999, "softmax+perpgrad": 0.99}
+
+
+def _per_loss(spec: str | int | None, default: int) -> dict[str, int]:
+    """'20000' or 'softmax=8000,stablemax=20000' -> steps per loss."""
+    if spec is None:
+        return {k: default for k in GROK_LOSSES}
+    spec = str(spec)
+    if "=" not in spec:
+        return {k: int(spec) for k in GROK_LOSSES}
+    out = {k: default for k in GROK_LOSSES}
+    for part in spec.split(","):
+        k, _, v = part.partition("=")
+        if k not in GROK_LOSSES:
+            raise ValueError(f"unknown loss {k!r} in --grok-steps (choose from {GROK_LOSSES})")
+        out[k] = int(v)
+    return out
+
+
+def grokking(out: Path, quick: bool, modulus: int | None = None, steps: str | int | None = None,
+             losses: tuple[str, ...] = GROK_LOSSES, lr: float = 0.01, train_fraction: float = 0.4,
+             stop_acc: float | None = None, eval_every: int | None = None, tag: str = "",
+             bias: bool = False, checkpoint_dir: Path | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = modulus or (23 if quick else 113)
-    steps = steps or (300 if quick else 30000)
+    per_loss = _per_loss(steps, 300 if quick else 30000)
+    steps = max(per_loss[k] for k in losses)
     runs = []
-    for name in ("softmax", "stablemax", "softmax+perpgrad"):
-        t0 = time.time()
-        r = grokking_run(name, steps, p, device, eval_every=max(10, steps // 200))
-        r["seconds"] = round(time.time() - t0, 1)
+    result = {"experiment": "grokking", "modulus": p, "steps": steps, "steps_per_loss": per_loss,
+              "train_fraction": train_fraction, "stop_acc": stop_acc,
+              "model": f"MLP 2p-200-200-p {'with' if bias else 'without'} biases (one-hot a ++ one-hot b), "
+                       f"AdamW lr {lr} betas (0.9, beta2) beta2 {REFERENCE_BETA2}, eps 1e-25, "
+                       "no weight decay, full batch, float32 (StableMax CE: float64 inside)",
+              "device": device_name(), "runs": runs}
+    for name in losses:
+        n = per_loss[name]
+        ck = None
+        if checkpoint_dir is not None:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            ck = checkpoint_dir / f"grok_{name}_p{p}_tf{train_fraction}_lr{lr}_bias{int(bias)}.pt"
+        r = grokking_run(name, n, p, device, eval_every=eval_every or max(10, n // 200), lr=lr,
+                         train_fraction=train_fraction, stop_acc=stop_acc, progress=True, bias=bias,
+                         checkpoint=ck)
         runs.append(r)
-    result = {"experiment": "grokking", "modulus": p, "steps": steps, "train_fraction": 0.4,
-              "model": "MLP 2p-200-200-p, AdamW lr 0.01 betas (0.9, 0.999) eps 1e-25, no weight decay, "
-                       "full batch, float32", "device": device_name(), "runs": runs}
-    print(f"\n### Grokking: modular addition mod {p}, {steps} full-batch steps ({device_name()})\n")
-    print("| loss | final test acc | best test acc | first step test >= 95% | final train acc | "
-          "Softmax Collapse (train) | time (s) |")
-    print("|---|---|---|---|---|---|---|")
+        # partial results survive an interrupted long run
+        (out / f"attention_grokking{tag}.json").write_text(json.dumps(result, indent=1))
+    print(f"\n### Grokking: modular addition mod {p}, train fraction {train_fraction}, lr {lr}, "
+          f"up to {steps} full-batch steps ({device_name()})\n")
+    print("| loss | steps run | final test acc | best test acc | first step test >= 95% | final train acc | "
+          "Softmax Collapse (train, final / max) | time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['loss']} | {r['final_test_acc']:.3f} | {r['best_test_acc']:.3f} | {r['step_test_95']} | "
-              f"{r['final_train_acc']:.3f} | {r['final_collapse']:.1%} | {r['seconds']} |")
-    _plot_grokking(result, out / "attention_grokking.png")
+        print(f"| {r['loss']} | {r['steps_run']} | {r['final_test_acc']:.3f} | {r['best_test_acc']:.3f} | "
+              f"{r['step_test_95']} | {r['final_train_acc']:.3f} | {r['final_collapse']:.1%} / "
+              f"{r['max_collapse']:.1%} | {r['seconds']} |")
+    _plot_grokking(result, out / f"attention_grokking{tag}.png")
     return result
 
 
@@ -122,7 +187,8 @@ def _plot_grokking(result: dict, path: Path) -> None:
         line, = ax.plot(h["step"], h["test_acc"], label=f"{r['loss']} (test)")
         ax.plot(h["step"], h["train_acc"], ls=":", color=line.get_color(), label=f"{r['loss']} (train)")
         ax2.plot(h["step"], h["collapse"], color=line.get_color(), label=r["loss"])
-    ax.set(xlabel="step", ylabel="accuracy", title=f"modular addition mod {result['modulus']}, float32, no WD")
+    ax.set(xlabel="step", ylabel="accuracy",
+           title=f"mod {result['modulus']}, train frac {result['train_fraction']}, float32, no WD")
     ax2.set(xlabel="step", ylabel="fraction of train samples", title="Softmax Collapse (fp32 prob == 1)")
     ax.legend(fontsize=7)
     ax2.legend(fontsize=7)
@@ -249,19 +315,42 @@ def main() -> None:
     ap.add_argument("--out", default="docs/bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--modulus", type=int, help="grokking: modulus (default 113)")
-    ap.add_argument("--grok-steps", type=int, help="grokking: full-batch steps (default 30000)")
+    ap.add_argument("--grok-steps", help="grokking: full-batch steps (default 30000), or per loss: "
+                                         "softmax=8000,stablemax=20000")
+    ap.add_argument("--grok-losses", default=",".join(GROK_LOSSES),
+                    help="grokking: comma-separated subset/order of " + ",".join(GROK_LOSSES))
+    ap.add_argument("--grok-lr", type=float, default=0.01, help="grokking: AdamW learning rate")
+    ap.add_argument("--train-fraction", type=float, default=0.4, help="grokking: train split of the p^2 pairs")
+    ap.add_argument("--stop-acc", type=float, help="grokking: stop a run once test accuracy reaches this")
+    ap.add_argument("--grok-eval-every", type=int, help="grokking: evaluation interval (default steps/200)")
+    ap.add_argument("--mlp-bias", action="store_true",
+                    help="grokking: MLP with biases (the reference has none)")
+    ap.add_argument("--checkpoint-dir", help="grokking: save each run at every evaluation and resume "
+                                             "from there when run again (long runs on a shared machine)")
+    ap.add_argument("--tag", default="", help="suffix for the output files (variations)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (use 1 on a shared machine)")
     ap.add_argument("--lm-steps", type=int, help="length: training steps (default 3000)")
     ap.add_argument("--lm-batch", type=int, help="length: batch size (default 64)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    runs = (("grokking", lambda: grokking(out, args.quick, args.modulus, args.grok_steps)),
+    losses = tuple(x for x in args.grok_losses.split(",") if x)
+    unknown = set(losses) - set(GROK_LOSSES)
+    if unknown:
+        ap.error(f"unknown --grok-losses {sorted(unknown)}; choose from {GROK_LOSSES}")
+    runs = (("grokking", lambda: grokking(out, args.quick, args.modulus, args.grok_steps, losses, args.grok_lr,
+                                          args.train_fraction, args.stop_acc, args.grok_eval_every, args.tag,
+                                          args.mlp_bias,
+                                          Path(args.checkpoint_dir) if args.checkpoint_dir else None)),
             ("length", lambda: length(out, args.quick, args.lm_steps, args.lm_batch)))
     for name, fn in runs:
         if args.experiment in (name, "all"):
             result = fn()
-            (out / f"attention_{name}.json").write_text(json.dumps(result, indent=1))
+            (out / f"attention_{name}{args.tag if name == 'grokking' else ''}.json").write_text(
+                json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
