@@ -139,7 +139,8 @@ def _per_loss(spec: str | int | None, default: int) -> dict[str, int]:
 def grokking(out: Path, quick: bool, modulus: int | None = None, steps: str | int | None = None,
              losses: tuple[str, ...] = GROK_LOSSES, lr: float = 0.01, train_fraction: float = 0.4,
              stop_acc: float | None = None, eval_every: int | None = None, tag: str = "",
-             bias: bool = False, checkpoint_dir: Path | None = None) -> dict:
+             bias: bool = False, checkpoint_dir: Path | None = None,
+             seeds: tuple[int, ...] = (0,)) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = modulus or (23 if quick else 113)
     per_loss = _per_loss(steps, 300 if quick else 30000)
@@ -151,25 +152,27 @@ def grokking(out: Path, quick: bool, modulus: int | None = None, steps: str | in
                        f"AdamW lr {lr} betas (0.9, beta2) beta2 {REFERENCE_BETA2}, eps 1e-25, "
                        "no weight decay, full batch, float32 (StableMax CE: float64 inside)",
               "device": device_name(), "runs": runs}
-    for name in losses:
-        n = per_loss[name]
-        ck = None
-        if checkpoint_dir is not None:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            ck = checkpoint_dir / f"grok_{name}_p{p}_tf{train_fraction}_lr{lr}_bias{int(bias)}.pt"
-        r = grokking_run(name, n, p, device, eval_every=eval_every or max(10, n // 200), lr=lr,
-                         train_fraction=train_fraction, stop_acc=stop_acc, progress=True, bias=bias,
-                         checkpoint=ck)
-        runs.append(r)
-        # partial results survive an interrupted long run
-        (out / f"attention_grokking{tag}.json").write_text(json.dumps(result, indent=1))
+    for seed in seeds:
+        for name in losses:
+            n = per_loss[name]
+            ck = None
+            if checkpoint_dir is not None:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                ck = checkpoint_dir / (f"grok_{name}_p{p}_tf{train_fraction}_lr{lr}_bias{int(bias)}"
+                                       f"{f'_seed{seed}' if seed else ''}.pt")
+            r = grokking_run(name, n, p, device, seed=seed, eval_every=eval_every or max(10, n // 200),
+                             lr=lr, train_fraction=train_fraction, stop_acc=stop_acc, progress=True,
+                             bias=bias, checkpoint=ck)
+            runs.append({"seed": seed, **r})
+            # partial results survive an interrupted long run
+            (out / f"attention_grokking{tag}.json").write_text(json.dumps(result, indent=1))
     print(f"\n### Grokking: modular addition mod {p}, train fraction {train_fraction}, lr {lr}, "
           f"up to {steps} full-batch steps ({device_name()})\n")
-    print("| loss | steps run | final test acc | best test acc | first step test >= 95% | final train acc | "
+    print("| loss | seed | steps run | final test acc | best test acc | first step test >= 95% | final train acc | "
           "Softmax Collapse (train, final / max) | time (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['loss']} | {r['steps_run']} | {r['final_test_acc']:.3f} | {r['best_test_acc']:.3f} | "
+        print(f"| {r['loss']} | {r.get('seed', 0)} | {r['steps_run']} | {r['final_test_acc']:.3f} | {r['best_test_acc']:.3f} | "
               f"{r['step_test_95']} | {r['final_train_acc']:.3f} | {r['final_collapse']:.1%} / "
               f"{r['max_collapse']:.1%} | {r['seconds']} |")
     _plot_grokking(result, out / f"attention_grokking{tag}.png")
@@ -184,9 +187,10 @@ def _plot_grokking(result: dict, path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in result["runs"]:
         h = r["history"]
-        line, = ax.plot(h["step"], h["test_acc"], label=f"{r['loss']} (test)")
-        ax.plot(h["step"], h["train_acc"], ls=":", color=line.get_color(), label=f"{r['loss']} (train)")
-        ax2.plot(h["step"], h["collapse"], color=line.get_color(), label=r["loss"])
+        name = r["loss"] + (f" seed {r['seed']}" if len({x.get("seed", 0) for x in result["runs"]}) > 1 else "")
+        line, = ax.plot(h["step"], h["test_acc"], label=f"{name} (test)")
+        ax.plot(h["step"], h["train_acc"], ls=":", color=line.get_color(), label=f"{name} (train)")
+        ax2.plot(h["step"], h["collapse"], color=line.get_color(), label=name)
     ax.set(xlabel="step", ylabel="accuracy",
            title=f"mod {result['modulus']}, train frac {result['train_fraction']}, float32, no WD")
     ax2.set(xlabel="step", ylabel="fraction of train samples", title="Softmax Collapse (fp32 prob == 1)")
@@ -327,6 +331,7 @@ def main() -> None:
                     help="grokking: MLP with biases (the reference has none)")
     ap.add_argument("--checkpoint-dir", help="grokking: save each run at every evaluation and resume "
                                              "from there when run again (long runs on a shared machine)")
+    ap.add_argument("--seeds", default="0", help="grokking: comma-separated seeds (data split and init)")
     ap.add_argument("--tag", default="", help="suffix for the output files (variations)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (use 1 on a shared machine)")
     ap.add_argument("--lm-steps", type=int, help="length: training steps (default 3000)")
@@ -344,7 +349,8 @@ def main() -> None:
     runs = (("grokking", lambda: grokking(out, args.quick, args.modulus, args.grok_steps, losses, args.grok_lr,
                                           args.train_fraction, args.stop_acc, args.grok_eval_every, args.tag,
                                           args.mlp_bias,
-                                          Path(args.checkpoint_dir) if args.checkpoint_dir else None)),
+                                          Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+                                          tuple(int(x) for x in args.seeds.split(",")))),
             ("length", lambda: length(out, args.quick, args.lm_steps, args.lm_batch)))
     for name, fn in runs:
         if args.experiment in (name, "all"):

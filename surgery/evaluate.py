@@ -8,8 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from surgery.passapi import module_device
+
 
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.to(module_device(model))
     out = model(input_ids=ids) if _takes_input_ids(model) else model(ids)
     if hasattr(out, "logits"):
         return out.logits
@@ -31,7 +34,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4) -> f
     model.eval()
     total, count = 0.0, 0
     for i in range(0, tokens.shape[0], batch_size):
-        ids = tokens[i:i + batch_size]
+        ids = tokens[i:i + batch_size].to(module_device(model))
         logits = logits_of(model, ids).float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                               ids[:, 1:].reshape(-1), reduction="sum")

@@ -244,6 +244,16 @@ def replace_module(root: "nn.Module", path: str, new: "nn.Module") -> None:
     setattr(parent, child, new)
 
 
+def module_device(module: "nn.Module"):
+    """The device of ``module``'s first parameter or buffer (CPU for a module without state):
+    where inputs built for it (token ids, example tensors) must live."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    import torch
+
+    return torch.device("cpu")
+
+
 def iter_leaves(root: "nn.Module", types: Iterable[type]) -> Iterable[tuple[str, "nn.Module"]]:
     types = tuple(types)
     for name, mod in root.named_modules():

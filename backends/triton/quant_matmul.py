@@ -11,7 +11,12 @@ backends/ops/quant.py) for CUDA. Weight layout, per output row n and input colum
 Two paths (the weight bytes dominate traffic at decode, the FLOPs at prefill):
 
 - GEMV (few rows of x): each program owns BLOCK_N output channels of one row of x and streams
-  the packed bytes once, splitting each byte into its two nibbles against the even / odd x.
+  the weight once. When K and the group size are multiples of the codes per 32-bit word (8 for
+  int4, 4 for int8; every real layer), the weight is read as int32 words: 16-byte loads, codes cut
+  out with a shift and a mask and turned into floats exactly with the 2^23 "magic number" trick
+  (OR the code into the mantissa of 8388608.0 and subtract it, no int-to-float conversion), and
+  the group scale applied once per word: acc += s * (sum q*x - z * sum x). Otherwise a byte path
+  splits each byte into its two nibbles against the even / odd x.
 - GEMM: BLOCK_M x BLOCK_N tiles; a BLOCK_K slab of the weight is dequantised to x's dtype in
   registers and fed to ``tl.dot`` (fp32 accumulation), as the reference casts the dequantised
   weight to x's dtype before ``F.linear``.
@@ -26,6 +31,8 @@ import triton.language as tl
 from surgery.backends.triton.common import fp32_dots
 
 GEMV_MAX_ROWS = 4  # at most this many rows of x take the GEMV path
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 8, 1024, 4  # word path; chosen on an H100 (benchmarks/kernels.py)
+GEMM_VIA_DEQUANT = True  # prefill on fp16/bf16: dequantise + cuBLAS (faster than _gemm on an H100)
 
 
 @triton.jit
@@ -75,6 +82,83 @@ def _gemv_int4(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m, 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * sy_m + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m, sq_n, sy_m,
+                BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    # qw_ptr: the weight as int32 words, PER_WORD codes each, code j of word w = column PER_WORD*w+j.
+    # Codes are cut out as a (BLOCK_N, BLOCK_W, PER_WORD) tile, so x is read as contiguous
+    # (BLOCK_W, PER_WORD) rows, and partial sums stay per (row, word) until the end.
+    PER_WORD: tl.constexpr = 32 // BITS
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_j = tl.arange(0, PER_WORD)
+    shifts = offs_j * BITS
+    n_words = K // PER_WORD
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    for start in range(0, n_words, BLOCK_W):
+        offs_w = start + tl.arange(0, BLOCK_W)
+        w_ok = offs_w < n_words
+        m2 = n_ok[:, None] & w_ok[None, :]
+        words = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * sq_n + offs_w[None, :], mask=m2,
+                        other=0)
+        if SIGNED:  # two's complement -> offset binary: q = u - 2^(BITS-1), folded into z below
+            if BITS == 4:
+                words = words ^ -2004318072  # 0x88888888
+            else:
+                words = words ^ -2139062144  # 0x80808080
+        codes = ((words[:, :, None] >> shifts[None, None, :]) & CODE_MASK) | 0x4B000000
+        q = codes.to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + code as fp32 bits, exact
+        offs_k = offs_w[:, None] * PER_WORD + offs_j[None, :]
+        x = tl.load(x_ptr + row * sx_m + offs_k, mask=w_ok[:, None], other=0.0).to(tl.float32)
+        dot = tl.sum(q * x[None, :, :], axis=2)
+        xsum = tl.sum(x, axis=1)
+        gi = (offs_w * PER_WORD) // GROUP
+        s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0.0)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0).to(tl.float32)
+        else:
+            z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), tl.float32)
+        acc += s * (dot - z * xsum[None, :])
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * sy_m + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _dequant_words(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, GROUP, sq_n, sw_n,
+                   BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    # w[n, k] = (q - z) * s in w's dtype, from the int32-word view of the codes (see _gemv_words)
+    PER_WORD: tl.constexpr = 32 // BITS
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    m2 = (offs_n < N)[:, None] & (offs_w < K // PER_WORD)[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    words = tl.load(qw_ptr + rows * sq_n + offs_w[None, :], mask=m2, other=0)
+    if SIGNED:
+        if BITS == 4:
+            words = words ^ -2004318072  # 0x88888888
+        else:
+            words = words ^ -2139062144  # 0x80808080
+    gi = (offs_w * PER_WORD) // GROUP
+    s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0.0)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0).to(tl.float32)
+    else:
+        z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), tl.float32)
+    for j in tl.static_range(PER_WORD):
+        code = ((words >> (BITS * j)) & CODE_MASK) | 0x4B000000
+        q = code.to(tl.float32, bitcast=True) - 8388608.0
+        tl.store(w_ptr + rows * sw_n + offs_w[None, :] * PER_WORD + j,
+                 ((q - z) * s).to(w_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -140,12 +224,15 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                  in_features: int | None = None, gemv_max_rows: int = GEMV_MAX_ROWS,
                  block_m: int | None = None, block_n: int | None = None,
-                 block_k: int | None = None) -> torch.Tensor:
+                 block_k: int | None = None,
+                 gemm_via_dequant: bool | None = None) -> torch.Tensor:
     """``x @ dequant(qweight).T + bias`` with in-kernel dequantisation; GEMV or GEMM by rows.
 
     Block sizes default per path (GEMV: narrow in N so that a 4096-wide layer still spreads
     over every SM, long in K; GEMM: 32 x 64 x 64 tiles); given ones apply to both paths.
     """
+    if gemm_via_dequant is None:
+        gemm_via_dequant = GEMM_VIA_DEQUANT
     n = qweight.shape[0]
     k = in_features if bits == 4 else qweight.shape[1]
     g = scales.shape[1]
@@ -165,7 +252,15 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     bias_t = bias.contiguous() if bias is not None else scales  # placeholder, never read
     common = (x2, qweight, scales, zeros_t, bias_t, y)
     flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
-    if m <= gemv_max_rows:
+    per_word = 32 // bits
+    if m <= gemv_max_rows and k % per_word == 0 and (k // g) % per_word == 0:
+        block_n, block_k = block_n or GEMV_BLOCK_N, block_k or GEMV_BLOCK_K
+        words = qweight.view(torch.int32)  # rows of K / per_word little-endian words
+        _gemv_words[(triton.cdiv(n, block_n), m)](
+            x2, words, scales, zeros_t, bias_t, y, n, k, g, k // g, x2.stride(0),
+            words.stride(0), y.stride(0), BITS=bits, SIGNED=zeros is None, BLOCK_N=block_n,
+            BLOCK_W=max(1, block_k // per_word), num_warps=GEMV_WARPS, **flags)
+    elif m <= gemv_max_rows:
         block_n, block_k = block_n or 16, block_k or 256
         if bits == 4:
             _gemv_int4[(triton.cdiv(n, block_n), m)](
@@ -175,6 +270,20 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             _gemv_int8[(triton.cdiv(n, block_n), m)](
                 *common, n, k, g, k // g, x2.stride(0), qweight.stride(0), y.stride(0),
                 BLOCK_N=block_n, BLOCK_K=block_k, **flags)
+    elif (m > gemv_max_rows and gemm_via_dequant and k % per_word == 0
+          and (k // g) % per_word == 0 and not fp32_dots(x.dtype)):
+        # prefill: dequantise once into x's dtype (one read of the codes, one write) and let
+        # cuBLAS do the GEMM; the weight bytes are a small share of the traffic at this size
+        w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+        words = qweight.view(torch.int32)
+        bw = 32
+        _dequant_words[(triton.cdiv(n, 32), triton.cdiv(k // per_word, bw))](
+            words, scales, zeros_t, w, n, k, g, k // g, words.stride(0), w.stride(0), BITS=bits,
+            SIGNED=zeros is None, HAS_ZEROS=zeros is not None, BLOCK_N=32, BLOCK_W=bw,
+            num_warps=4)
+        torch.matmul(x2, w.T, out=y)
+        if bias is not None:
+            y += bias
     else:
         block_m, block_n, block_k = block_m or 32, block_n or 64, block_k or 64
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))

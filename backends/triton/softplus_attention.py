@@ -25,33 +25,153 @@ import triton.language as tl
 
 from surgery.backends.triton.common import fp32_dots
 
+BLOCK_M, BLOCK_N, NUM_STAGES = 128, 64, 3  # chosen on an H100 (benchmarks/kernels.py)
+
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 
 @triton.jit
-def _logits(q, inv_nq, k_ptrs, k_valid, sk_d, offs_d, D: tl.constexpr, IEEE: tl.constexpr):
-    k = tl.load(k_ptrs, mask=k_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    kf = k.to(tl.float32)
-    inv_nk = 1.0 / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)
+def _softplus2(z2):
+    # log2(1 + 2^z2) without overflow: max(z2, 0) + log2(1 + t), t = 2^-|z2| in (0, 1].
+    # softplus(z) is LN2 * _softplus2(z * LOG2E); the constant LN2 cancels in the normalisation.
+    # log2(1 + t) = t * P(t), P a degree-6 fit of log2(1 + t) / t on [0, 1] (relative error
+    # 1.6e-6 in fp32): one special-function call per score instead of two. The special-function
+    # unit does 1/8 of the FMA rate, so exp2 + log2 would bound the kernel (spec ops.md §2.2).
+    t = tl.exp2(-tl.abs(z2))
+    p = 0.019927934 * t - 0.094356
+    p = p * t + 0.21363184
+    p = p * t - 0.33821112
+    p = p * t + 0.4774559
+    p = p * t - 0.72114044
+    p = p * t + 1.4426929
+    return tl.maximum(z2, 0.0) + t * p
+
+
+@triton.jit
+def _pow(r, power, POW_INT: tl.constexpr):
+    # r ** power for r >= 0 (0 ** p = 0): by squaring for a small integer power (the default
+    # p = 15 costs six multiplies instead of two special-function calls), else exp2(p log2 r).
+    if POW_INT > 0:
+        out = tl.full(r.shape, 1.0, tl.float32)
+        base = r
+        for bit in tl.static_range(7):
+            if (POW_INT >> bit) & 1:
+                out = out * base
+            if (POW_INT >> (bit + 1)) > 0:
+                base = base * base
+        return out
+    else:
+        return tl.where(r > 0.0, tl.exp2(power * tl.log2(r)), 0.0)
+
+
+@triton.jit
+def _scores(q, row_fac2, k_base, nk_base, offs_n, offs_d, sk_n, LK, D: tl.constexpr,
+            EVEN: tl.constexpr, IEEE: tl.constexpr):
+    """log2e * scale_i * cos(q_i, k_j) for one key tile (raw dot, then the norms)."""
+    if EVEN:
+        k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :],
+                    mask=offs_d[None, :] < D, other=0.0)
+        inv_nk = tl.load(nk_base + offs_n)
+    else:
+        k_valid = offs_n < LK
+        k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :],
+                    mask=k_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        inv_nk = tl.load(nk_base + offs_n, mask=k_valid, other=0.0)
     if IEEE:
-        dots = tl.dot(q.to(tl.float32), tl.trans(kf), input_precision="ieee")
+        dots = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         dots = tl.dot(q, tl.trans(k))
-    return dots * inv_nq[:, None] * inv_nk[None, :]
+    return dots * row_fac2 * inv_nk[None, :]
 
 
 @triton.jit
-def _softplus(z):
-    # log(1 + e^z) without overflow: max(z, 0) + log(1 + e^-|z|)
-    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+def _visible(offs_m, offs_n, row_ok, LK, shift, km_base, MASKED: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Which (query, key) pairs of the tile count; None-free: all True when MASKED is off."""
+    vis = row_ok[:, None] & (offs_n[None, :] < LK)
+    if MASKED:
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift)
+    if HAS_MASK:
+        km = tl.load(km_base + offs_n, mask=offs_n < LK, other=0)
+        vis = vis & (km[None, :] != 0)
+    return vis
 
 
 @triton.jit
-def _lssa_fwd(q_ptr, k_ptr, v_ptr, o_ptr, nvis_ptr, km_ptr,
+def _row_sums(acc_s, q, row_fac2, k_base, nk_base, km_base, offs_m, row_ok, offs_d, lo, hi,
+              sk_n, LK, shift, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """LSSAR pass 1 over key tiles [lo, hi): S_i += sum_j a_ij (in log2 units)."""
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        z2 = _scores(q, row_fac2, k_base, nk_base, offs_n, offs_d, sk_n, LK, D, not MASKED, IEEE)
+        a = _softplus2(z2)
+        if MASKED or HAS_MASK:
+            a = tl.where(_visible(offs_m, offs_n, row_ok, LK, shift, km_base, MASKED, CAUSAL,
+                                  HAS_MASK), a, 0.0)
+        acc_s += tl.sum(a, axis=1)
+    return acc_s
+
+
+@triton.jit
+def _accumulate(acc_s, acc_o, m_run, acc_r, acc_rv, q, row_fac2, k_base, v_base, nk_base,
+                km_base, offs_m, row_ok, offs_d, offs_dv, lo, hi, sk_n, sv_n, LK, shift,
+                n_vis2, inv_s2, offset2, power, D: tl.constexpr, DV: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_MASK: tl.constexpr, REWEIGHT: tl.constexpr, FALLBACK: tl.constexpr,
+                POW_INT: tl.constexpr, IEEE: tl.constexpr):
+    """Key tiles [lo, hi): LSSA sums (sum a, sum a v) and, for LSSAR, the re-weighted ones."""
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        z2 = _scores(q, row_fac2, k_base, nk_base, offs_n, offs_d, sk_n, LK, D, not MASKED, IEEE)
+        a = _softplus2(z2)
+        if MASKED or HAS_MASK:
+            vis = _visible(offs_m, offs_n, row_ok, LK, shift, km_base, MASKED, CAUSAL, HAS_MASK)
+            a = tl.where(vis, a, 0.0)
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * sv_n + offs_dv[None, :],
+                        mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * sv_n + offs_dv[None, :],
+                        mask=offs_dv[None, :] < DV, other=0.0)
+        if (not REWEIGHT) or FALLBACK:
+            if IEEE:
+                acc_o += tl.dot(a, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc_o += tl.dot(a.to(v.dtype), v)
+        if REWEIGHT:
+            # x = N a / (S + eps) - O (a and S both in log2 units: the LN2 factors cancel)
+            x = n_vis2 * a * inv_s2 - offset2
+            if MASKED or HAS_MASK:
+                x = tl.where(vis, x, 0.0)
+            r = tl.maximum(x, 0.0)
+            m_new = tl.maximum(m_run, tl.max(r, axis=1))
+            inv_m = 1.0 / tl.where(m_new > 0.0, m_new, 1.0)
+            keep = _pow(m_run * inv_m, power, POW_INT)  # (m_old / m_new)^p, 0 before any r > 0
+            w = _pow(r * inv_m[:, None], power, POW_INT)
+            acc_r = acc_r * keep + tl.sum(w, axis=1)
+            if IEEE:
+                pv = tl.dot(w, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(w.to(v.dtype), v)
+            acc_rv = acc_rv * keep[:, None] + pv
+            m_run = m_new
+        else:
+            acc_s += tl.sum(a, axis=1)
+    return acc_s, acc_o, m_run, acc_r, acc_rv
+
+
+@triton.jit
+def _lssa_fwd(q_ptr, k_ptr, v_ptr, o_ptr, nvis_ptr, km_ptr, nk_ptr,
               sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, skm_b,
-              H, GROUP, LQ, LK, log_d, power, eps,
+              snk_b, snk_h, H, GROUP, LQ, LK, log_d, power, eps,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_MASK: tl.constexpr, REWEIGHT: tl.constexpr, FALLBACK: tl.constexpr,
-              IEEE: tl.constexpr):
+              POW_INT: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -66,76 +186,47 @@ def _lssa_fwd(q_ptr, k_ptr, v_ptr, o_ptr, nvis_ptr, km_ptr,
     qf = q.to(tl.float32)
     inv_nq = 1.0 / tl.maximum(tl.sqrt(tl.sum(qf * qf, axis=1)), 1e-12)
     n_vis = tl.load(nvis_ptr + b * LQ + offs_m, mask=row_ok, other=0.0)
-    scale = log_d * tl.log(tl.maximum(n_vis, 1.0))
+    # per-row factors as (BLOCK_M, 1) columns, formed once outside the key loops
+    row_fac2 = (inv_nq * log_d * tl.log(tl.maximum(n_vis, 1.0)) * 1.4426950408889634)[:, None]
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
-    hi = LK
-    if CAUSAL:
-        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ)
+    nk_base = nk_ptr + b * snk_b + hk * snk_h
+    km_base = km_ptr + b * skm_b
     shift = LK - LQ
+    # Key tiles [0, full) are entirely visible to every query of the block (no causal select);
+    # tiles [full, hi) straddle the diagonal or the end of the keys.
+    hi = LK
+    full = (LK // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M + shift)
+        full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + shift + 1, 0) // BLOCK_N * BLOCK_N)
 
     acc_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if REWEIGHT:
-        # pass 1: S_i = sum_j a_ij
-        for start in range(0, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            k_valid = offs_n < LK
-            vis = row_ok[:, None] & k_valid[None, :]
-            if CAUSAL:
-                vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift)
-            if HAS_MASK:
-                km = tl.load(km_ptr + b * skm_b + offs_n, mask=k_valid, other=0)
-                vis = vis & (km[None, :] != 0)
-            z = _logits(q, inv_nq, k_base + offs_n[:, None] * sk_n + offs_d[None, :], k_valid,
-                        sk_n, offs_d, D, IEEE) * scale[:, None]
-            acc_s += tl.sum(tl.where(vis, _softplus(z), 0.0), axis=1)
-        inv_s = 1.0 / (acc_s + eps)
-        offset = tl.where(n_vis > 3.0, 1.0, 0.0)
-        m_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_rv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_rv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    n_vis2 = n_vis[:, None]
+    inv_s2 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    offset2 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    eps2 = eps * 1.4426950408889634  # eps in the log2 units of the sums
+    if REWEIGHT:  # pass 1: S_i = sum_j a_ij
+        acc_s = _row_sums(acc_s, q, row_fac2, k_base, nk_base, km_base, offs_m, row_ok, offs_d,
+                          0, full, sk_n, LK, shift, D, BLOCK_N, False, CAUSAL, HAS_MASK, IEEE)
+        acc_s = _row_sums(acc_s, q, row_fac2, k_base, nk_base, km_base, offs_m, row_ok, offs_d,
+                          full, hi, sk_n, LK, shift, D, BLOCK_N, True, CAUSAL, HAS_MASK, IEEE)
+        inv_s2 = (1.0 / (acc_s + eps2))[:, None]
+        offset2 = tl.where(n_vis > 3.0, 1.0, 0.0)[:, None]
+    acc_s, acc_o, m_run, acc_r, acc_rv = _accumulate(
+        acc_s, acc_o, m_run, acc_r, acc_rv, q, row_fac2, k_base, v_base, nk_base, km_base,
+        offs_m, row_ok, offs_d, offs_dv, 0, full, sk_n, sv_n, LK, shift, n_vis2, inv_s2, offset2,
+        power, D, DV, BLOCK_N, False, CAUSAL, HAS_MASK, REWEIGHT, FALLBACK, POW_INT, IEEE)
+    acc_s, acc_o, m_run, acc_r, acc_rv = _accumulate(
+        acc_s, acc_o, m_run, acc_r, acc_rv, q, row_fac2, k_base, v_base, nk_base, km_base,
+        offs_m, row_ok, offs_d, offs_dv, full, hi, sk_n, sv_n, LK, shift, n_vis2, inv_s2, offset2,
+        power, D, DV, BLOCK_N, True, CAUSAL, HAS_MASK, REWEIGHT, FALLBACK, POW_INT, IEEE)
 
-    for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_valid = offs_n < LK
-        vis = row_ok[:, None] & k_valid[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift)
-        if HAS_MASK:
-            km = tl.load(km_ptr + b * skm_b + offs_n, mask=k_valid, other=0)
-            vis = vis & (km[None, :] != 0)
-        z = _logits(q, inv_nq, k_base + offs_n[:, None] * sk_n + offs_d[None, :], k_valid,
-                    sk_n, offs_d, D, IEEE) * scale[:, None]
-        a = tl.where(vis, _softplus(z), 0.0)
-        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_dv[None, :],
-                    mask=k_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        if IEEE:
-            acc_o += tl.dot(a, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc_o += tl.dot(a.to(v.dtype), v)
-        if REWEIGHT:
-            x = tl.where(vis, n_vis[:, None] * a * inv_s[:, None] - offset[:, None], 0.0)
-            r = tl.maximum(x, 0.0)
-            m_new = tl.maximum(m_run, tl.max(r, axis=1))
-            pos = m_new > 0.0
-            safe_m = tl.where(pos, m_new, 1.0)
-            # (m_old / m_new)^p, 0 when nothing was positive before
-            ratio_old = m_run / safe_m
-            keep = tl.where(ratio_old > 0.0, tl.exp2(power * tl.log2(ratio_old)), 0.0)
-            ratio = r / safe_m[:, None]
-            w = tl.where(ratio > 0.0, tl.exp2(power * tl.log2(ratio)), 0.0)
-            acc_r = acc_r * keep + tl.sum(w, axis=1)
-            if IEEE:
-                pv = tl.dot(w, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(w.to(v.dtype), v)
-            acc_rv = acc_rv * keep[:, None] + pv
-            m_run = m_new
-        else:
-            acc_s += tl.sum(a, axis=1)
-
-    lssa = acc_o / (acc_s + eps)[:, None]
+    lssa = acc_o / (acc_s + eps2)[:, None]
     if REWEIGHT:
         rew = acc_rv / tl.where(acc_r > 0.0, acc_r, 1.0)[:, None]
         if FALLBACK:
@@ -167,8 +258,9 @@ def visible_counts(b: int, lq: int, lk: int, causal: bool, key_mask: torch.Tenso
 def softplus_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                key_mask: torch.Tensor | None = None, causal: bool = True,
                                power: float = 0.0, eps: float = 1e-8,
-                               fallback_on_empty: bool = True, block_m: int = 64,
-                               block_n: int = 64) -> torch.Tensor:
+                               fallback_on_empty: bool = True, block_m: int = BLOCK_M,
+                               block_n: int = BLOCK_N, num_warps: int | None = None,
+                               num_stages: int = NUM_STAGES) -> torch.Tensor:
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if h % hkv:
@@ -182,17 +274,21 @@ def softplus_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         km = key_mask.to(torch.int8).expand(b, lk).contiguous()
     else:
         km = n_vis  # never read (HAS_MASK=False); any pointer will do
+    # 1 / ||k_j||, once per key (not once per query block), read by the kernel per tile
+    inv_nk = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).clamp_min_(1e-12)
+    inv_nk = inv_nk.reciprocal_()
+    pow_int = int(power) if float(power).is_integer() and 0 < power < 128 else 0
     grid = (triton.cdiv(lq, block_m), b * h)
     _lssa_fwd[grid](
-        q, k, v, out, n_vis, km,
+        q, k, v, out, n_vis, km, inv_nk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        km.stride(0) if key_mask is not None else 0,
+        km.stride(0) if key_mask is not None else 0, inv_nk.stride(0), inv_nk.stride(1),
         h, h // hkv, lq, lk, math.log(d), float(power), float(eps),
         D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, HAS_MASK=key_mask is not None, REWEIGHT=power > 0,
-        FALLBACK=fallback_on_empty, IEEE=fp32_dots(q.dtype),
-        num_warps=4, num_stages=2)
+        FALLBACK=fallback_on_empty, POW_INT=pow_int, IEEE=fp32_dots(q.dtype),
+        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages)
     return out
 

@@ -4,6 +4,11 @@ Rows that fit on chip (``n <= max_fused``) are read once and written once: one p
 holds the whole row. Longer rows use two passes over tiles: pass 1 sums s(x), pass 2 writes.
 StableMax needs no running max (it is not shift-invariant), so the two-pass form is exact.
 Padded lanes contribute exactly 0 (a select, never -inf arithmetic). Math in float32.
+
+The two-pass forward is persistent: a grid of a few programs per SM walks the rows, so the rows
+in flight (programs x row bytes) fit in L2 and pass 2 re-reads them from L2, not DRAM. Pass 1
+loads with ``evict_last``, pass 2 with ``evict_first``: DRAM sees one read and one write, as in
+the fused path (measured on an H100: 59 % -> see docs/bench/kernels.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from surgery.backends.triton.common import as_rows, from_rows
 
 MAX_FUSED = 16384  # longest row kept whole in registers (fp32: 64 KB per program)
 TILE = 2048  # tile of the two-pass path
+PROGRAMS_PER_SM = 2  # two-pass forward: resident programs per SM (rows in flight, see above)
+TWO_PASS_WARPS = 8
+FUSED_WARPS_LONG = 16  # fused path, rows above 8192
 
 
 @triton.jit
@@ -25,7 +33,8 @@ def _s_terms(x, mask):
     inv = 1.0 / (1.0 - x)
     s = tl.where(mask, tl.where(neg, inv, x + 1.0), 0.0)
     ds = tl.where(mask, tl.where(neg, inv * inv, 1.0), 0.0)
-    logs = tl.where(neg, -tl.log(1.0 - x), tl.log(1.0 + x))
+    log1p_abs = tl.log(1.0 + tl.abs(x))  # log s(x) = +-log(1 + |x|): one log, not two
+    logs = tl.where(neg, -log1p_abs, log1p_abs)
     return s, logs, ds
 
 
@@ -40,32 +49,36 @@ def _fwd_fused(x_ptr, y_ptr, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr):
     if LOG:
         y = logs - tl.log(total)
     else:
-        y = s / total
+        y = s * (1.0 / total)
     tl.store(y_ptr + row * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _fwd_two_pass(x_ptr, y_ptr, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
-        s, _, _ = _s_terms(x, mask)
-        acc += s
-    total = tl.sum(acc, axis=0)
-    log_total = tl.log(total)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
-        s, logs, _ = _s_terms(x, mask)
-        if LOG:
-            y = logs - log_total
-        else:
-            y = s / total
-        tl.store(y_ptr + row * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+def _fwd_two_pass(x_ptr, y_ptr, rows, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    for r in range(tl.program_id(0), rows, tl.num_programs(0)):  # persistent: see the docstring
+        row = tl.cast(r, tl.int64)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            s, _, _ = _s_terms(x, mask)
+            acc += s
+        total = tl.sum(acc, axis=0)
+        log_total = tl.log(total)
+        inv_total = 1.0 / total
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            s, logs, _ = _s_terms(x, mask)
+            if LOG:
+                y = logs - log_total
+            else:
+                y = s * inv_total
+            tl.store(y_ptr + row * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -121,12 +134,21 @@ def _bwd_two_pass(x_ptr, g_ptr, dx_ptr, n, sx, sg, sd, LOG: tl.constexpr, BLOCK:
 
 
 def _warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return 4 if block <= 2048 else 8 if block <= 8192 else FUSED_WARPS_LONG
+
+
+def _persistent_programs(rows: int, device: torch.device) -> int:
+    """Programs for the two-pass path: PROGRAMS_PER_SM per SM, so the rows in flight stay in L2."""
+    if device.type != "cuda":
+        return rows
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(rows, sms * PROGRAMS_PER_SM))
 
 
 def stablemax_forward(x: torch.Tensor, dim: int = -1, log: bool = False,
-                      max_fused: int = MAX_FUSED, tile: int = TILE) -> torch.Tensor:
-    """(log-)StableMax over ``dim`` with the Triton kernels."""
+                      max_fused: int = MAX_FUSED, tile: int = TILE,
+                      programs: int | None = None) -> torch.Tensor:
+    """(log-)StableMax over ``dim`` with the Triton kernels (``programs``: two-pass grid size)."""
     rows, shape, d = as_rows(x, dim)
     n = rows.shape[1]
     out = torch.empty_like(rows)
@@ -136,8 +158,9 @@ def stablemax_forward(x: torch.Tensor, dim: int = -1, log: bool = False,
             _fwd_fused[(rows.shape[0],)](rows, out, n, rows.stride(0), out.stride(0), LOG=log,
                                          BLOCK=block, num_warps=_warps(block))
         else:
-            _fwd_two_pass[(rows.shape[0],)](rows, out, n, rows.stride(0), out.stride(0), LOG=log,
-                                            BLOCK=tile, num_warps=_warps(tile))
+            grid = (programs or _persistent_programs(rows.shape[0], rows.device),)
+            _fwd_two_pass[grid](rows, out, rows.shape[0], n, rows.stride(0), out.stride(0),
+                                LOG=log, BLOCK=tile, num_warps=TWO_PASS_WARPS)
     return from_rows(out, shape, d)
 
 

@@ -52,12 +52,6 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
     return w.dtype if w is not None else torch.float32
 
 
-def base_device(base: nn.Module) -> torch.device:
-    for t in list(base.parameters()) + list(base.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def generator_for(seed: int, path: str) -> torch.Generator:
     """A per-layer generator, so one layer's init does not depend on which others were selected."""
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63))

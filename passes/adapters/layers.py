@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from surgery.passes.adapters.common import adapter_dtype, base_device, float_weight
+from surgery.passapi import module_device
+from surgery.passes.adapters.common import adapter_dtype, float_weight
 from surgery.registry import register_module_type
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -79,7 +80,7 @@ class LoraLinear(AdapterLayer):
             raise ValueError("r must be >= 1")
         self.r, self.alpha, self.dropout_p, self.rslora = int(r), float(alpha), float(dropout), rslora
         self.scaling = self.alpha / (math.sqrt(self.r) if rslora else self.r)
-        dtype, device = adapter_dtype(base_layer), base_device(base_layer)
+        dtype, device = adapter_dtype(base_layer), module_device(base_layer)
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, dtype=dtype, device=device)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -146,7 +147,7 @@ class BoneLinear(AdapterLayer):
                  dropout: float = 0.0):
         super().__init__(base_layer)
         self.block, self.variant, self.dropout_p = int(block), variant, float(dropout)
-        dtype, device = adapter_dtype(base_layer), base_device(base_layer)
+        dtype, device = adapter_dtype(base_layer), module_device(base_layer)
         if variant not in ("bone", "bat"):
             raise ValueError(f"unknown Bone variant {variant!r}")
         if self.in_features % self.block or (variant == "bat" and self.out_features % self.block):

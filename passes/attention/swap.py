@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from surgery.passapi import module_device
 from surgery.registry import register_module_type
 
 from .intercept import AttentionRewrite, NormaliserSpec, Stats
@@ -233,6 +234,7 @@ def capture_inputs(model: nn.Module, targets: dict[str, nn.Module], ids: torch.T
         def hook(m, args, kwargs, path=path):
             seen.setdefault(path, (list(args), dict(kwargs)))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    ids = ids.to(module_device(model))  # calibration data lives on the CPU, the model may not
     try:
         with torch.no_grad():
             if hasattr(getattr(model, "config", None), "vocab_size"):

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from surgery.passapi import PassError, replace_module
+from surgery.passapi import PassError, module_device, replace_module
 from surgery.passes.calib.stats import LinearStats
 
 Transform = Callable[[dict[str, nn.Module], dict[str, LinearStats]], "dict[str, nn.Module] | None"]
@@ -65,12 +65,13 @@ def _inside(path: str, block: str) -> bool:
 def _model_call(model: nn.Module) -> Callable[[torch.Tensor], Any]:
     """How to feed a calibration batch: input_ids for HF models (no KV cache), else positional."""
     takes_ids = hasattr(model, "config") and hasattr(model.config, "vocab_size")
+    device = module_device(model)  # calibration batches live on the CPU, the model may not
     if not takes_ids:
-        return lambda x: model(x)
+        return lambda x: model(x.to(device))
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params:
-        return lambda x: model(input_ids=x, use_cache=False)
-    return lambda x: model(input_ids=x)
+        return lambda x: model(input_ids=x.to(device), use_cache=False)
+    return lambda x: model(input_ids=x.to(device))
 
 
 @dataclass

@@ -55,6 +55,15 @@ def test_stablemax_forward(dtype, log, fused):
         assert (got[2, ::3] == 0).all() and torch.isnan(got[1]).all()
 
 
+@pytest.mark.parametrize("log", [False, True])
+def test_stablemax_two_pass_programs_walk_several_rows(log):
+    # The persistent two-pass grid: 2 programs for 5 rows, each program walks rows 2 apart.
+    x = _rows(torch.float32)
+    ref = (sm.log_stablemax_reference if log else sm.stablemax_reference)(x, -1)
+    got = stablemax.stablemax_forward(x, -1, log, max_fused=8, tile=16, programs=2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_stablemax_other_dim_and_golden():
     x = torch.tensor([[-1.0, 0.0, 2.0]]).T.contiguous()  # reduce over dim 0
     got = stablemax.stablemax_forward(x, 0)
@@ -120,10 +129,18 @@ def test_softplus_attention_causal_gqa_padding(dtype, power):
     assert torch.equal(got[1, :, :5], torch.zeros_like(got[1, :, :5]))  # fully masked rows
 
 
-@pytest.mark.parametrize("case", ["noncausal", "kv-cache", "lssar-p3-nofallback", "dv"])
+@pytest.mark.parametrize("case", ["noncausal", "kv-cache", "lssar-p3-nofallback", "dv",
+                                  "lssar-p2.5", "many-tiles", "many-tiles-lssar"])
 def test_softplus_attention_variants(case):
-    q, k, v = _qkv(torch.float32, b=1, lq=21, lk=21, d=20)
+    # "many-tiles": 70 queries in blocks of 16 over key tiles of 16: every query block past the
+    # first has key tiles that skip the causal select (see _lssa_fwd) and a diagonal tile.
+    n = 70 if case.startswith("many-tiles") else 21
+    q, k, v = _qkv(torch.float32, b=1, lq=n, lk=n, d=20)
     kw = dict(causal=True, power=0.0)
+    if case == "lssar-p2.5":  # a non-integer power takes exp2(p log2 r), not repeated squaring
+        kw["power"] = 2.5
+    elif case == "many-tiles-lssar":
+        kw["power"] = 15.0
     if case == "noncausal":
         kw["causal"] = False
     elif case == "kv-cache":  # 3 new queries against 21 cached keys: bottom-right causal
@@ -172,9 +189,11 @@ QTOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
 @pytest.mark.parametrize("rows", [1, 3, 21], ids=["gemv", "gemv3", "gemm"])
-def test_quant_matmul(dtype, bits, sym, rows):
-    qw, scales, zeros, bias = _quant_case(bits, sym)
-    k = 45  # odd: the last byte of every int4 row is half padding
+@pytest.mark.parametrize("k", [45, 96], ids=["bytes", "words"])
+def test_quant_matmul(dtype, bits, sym, rows, k):
+    # k=45 is odd (the last byte of every int4 row is half padding): the GEMV byte path; k=96 in
+    # groups of 32 takes the int32-word GEMV path, with block_k=16 < K so it loops over words.
+    qw, scales, zeros, bias = _quant_case(bits, sym, k=k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     b = bias.to(dtype)
     if bits == 4:
