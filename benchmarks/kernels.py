@@ -96,8 +96,7 @@ def bench_attention(rows, quick):
         flops = 4 * b * h * length * length * d / 2  # causal: half the score matrix
         ref = _bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         for power, name in ((0.0, "LSSA fwd"), (15.0, "LSSAR fwd")):
-            ms = _bench(lambda: tsa.softplus_attention_forward(q, k, v, None, True, power,
-                                                               block_m=64, block_n=64))
+            ms = _bench(lambda: tsa.softplus_attention_forward(q, k, v, None, True, power))
             _row(rows, name, f"B{b} H{h} L{length} D{d}", torch.float16, ms, ref,
                  "SDPA (softmax, causal)", tflops=flops / ms / 1e9)
         del q, k, v
@@ -124,7 +123,8 @@ def bench_quant(rows, roof, quick):
                          (8, lambda: tqm.int8_linear(x, qw8, scales, None, None))):
             ms = _bench(fn)
             wbytes = n * k * bits // 8 + scales.numel() * 4 + m * k * 2 + m * n * 2
-            path = "GEMV" if m <= tqm.GEMV_MAX_ROWS else "GEMM"
+            path = ("GEMV" if m <= tqm.GEMV_MAX_ROWS
+                    else "dequant+GEMM" if tqm.GEMM_VIA_DEQUANT else "GEMM")
             _row(rows, f"int{bits} {path}", f"{m}x{k} @ {k}x{n}", torch.float16, ms, ref,
                  "fp16 torch.matmul", gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9, roof=roof)
         del x

@@ -31,8 +31,10 @@ import triton.language as tl
 from surgery.backends.triton.common import fp32_dots
 
 GEMV_MAX_ROWS = 4  # at most this many rows of x take the GEMV path
-GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 8, 1024, 4  # word path; chosen on an H100 (benchmarks/kernels.py)
-GEMM_VIA_DEQUANT = True  # prefill on fp16/bf16: dequantise + cuBLAS (faster than _gemm on an H100)
+# word path of the GEMV, chosen on an H100 with benchmarks/kernels_tune.py: block_k by bits
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 4, {4: 2048, 8: 1024}, 2
+# prefill on fp16/bf16: dequantise + cuBLAS (3-60x faster than _gemm on an H100)
+GEMM_VIA_DEQUANT = True
 
 
 @triton.jit
@@ -89,16 +91,13 @@ def _gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m,
                 BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     # qw_ptr: the weight as int32 words, PER_WORD codes each, code j of word w = column PER_WORD*w+j.
-    # Codes are cut out as a (BLOCK_N, BLOCK_W, PER_WORD) tile, so x is read as contiguous
-    # (BLOCK_W, PER_WORD) rows, and partial sums stay per (row, word) until the end.
+    # Partial sums stay per (row, word) until the end: one cross-thread reduction per program.
     PER_WORD: tl.constexpr = 32 // BITS
     CODE_MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_j = tl.arange(0, PER_WORD)
-    shifts = offs_j * BITS
     n_words = K // PER_WORD
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     for start in range(0, n_words, BLOCK_W):
@@ -112,12 +111,14 @@ def _gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m,
                 words = words ^ -2004318072  # 0x88888888
             else:
                 words = words ^ -2139062144  # 0x80808080
-        codes = ((words[:, :, None] >> shifts[None, None, :]) & CODE_MASK) | 0x4B000000
-        q = codes.to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + code as fp32 bits, exact
-        offs_k = offs_w[:, None] * PER_WORD + offs_j[None, :]
-        x = tl.load(x_ptr + row * sx_m + offs_k, mask=w_ok[:, None], other=0.0).to(tl.float32)
-        dot = tl.sum(q * x[None, :, :], axis=2)
-        xsum = tl.sum(x, axis=1)
+        dot = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
+        for j in tl.static_range(PER_WORD):
+            xj = tl.load(x_ptr + row * sx_m + offs_w * PER_WORD + j, mask=w_ok,
+                         other=0.0).to(tl.float32)
+            code = ((words >> (BITS * j)) & CODE_MASK) | 0x4B000000  # 2^23 + code, as fp32 bits
+            dot += (code.to(tl.float32, bitcast=True) - 8388608.0) * xj[None, :]
+            xsum += xj
         gi = (offs_w * PER_WORD) // GROUP
         s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0.0)
         if HAS_ZEROS:
@@ -254,7 +255,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
     per_word = 32 // bits
     if m <= gemv_max_rows and k % per_word == 0 and (k // g) % per_word == 0:
-        block_n, block_k = block_n or GEMV_BLOCK_N, block_k or GEMV_BLOCK_K
+        block_n, block_k = block_n or GEMV_BLOCK_N, block_k or GEMV_BLOCK_K[bits]
         words = qweight.view(torch.int32)  # rows of K / per_word little-endian words
         _gemv_words[(triton.cdiv(n, block_n), m)](
             x2, words, scales, zeros_t, bias_t, y, n, k, g, k // g, x2.stride(0),

@@ -8,6 +8,7 @@ above 256) go to the op's plain-PyTorch reference.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -55,10 +56,29 @@ OPS = tuple(k for k in KERNELS if k != "stablemax_backward")
 _registered = False
 
 
+_reference_only = False
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run every ``surgery::`` op with its plain-PyTorch reference while the block runs.
+
+    The lowering gate computes its oracle this way: on a GPU the CUDA implementation of, say,
+    ``surgery::int4_linear`` is the Triton kernel even in a module that was never lowered, so
+    "the module before lowering" would otherwise be the kernel compared with itself.
+    """
+    global _reference_only
+    old, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = old
+
+
 def run(name: str, *args):
     """Run op ``name`` with its Triton launcher, or its reference for uncovered inputs."""
     ref, covered = _REFERENCES[name]
-    if covered(*args):
+    if covered(*args) and not _reference_only:
         return KERNELS[name](*args)
     return ref(*args)
 

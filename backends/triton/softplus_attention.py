@@ -25,7 +25,21 @@ import triton.language as tl
 
 from surgery.backends.triton.common import fp32_dots
 
-BLOCK_M, BLOCK_N, NUM_STAGES = 128, 64, 3  # chosen on an H100 (benchmarks/kernels.py)
+# (block_m, block_n, num_warps, num_stages) at head dim <= 64, fp16/bf16, chosen on an H100 with
+# benchmarks/kernels_tune.py; LSSAR's second pass carries more state and prefers larger tiles.
+CONFIG = {"lssa": (64, 128, 4, 3), "lssar": (128, 128, 8, 4)}
+
+
+def launch_config(head_dim: int, dtype: torch.dtype, reweight: bool) -> tuple[int, int, int, int]:
+    """Tile sizes that fit shared memory: smaller key tiles and fewer stages for wide heads and
+    fp32 (whose dots take 4-byte operands)."""
+    bm, bn, warps, stages = CONFIG["lssar" if reweight else "lssa"]
+    width = head_dim * (2 if dtype == torch.float32 else 1)
+    if width > 128:
+        return 64, 32, 4, 2
+    if width > 64:
+        return 64, 64, 4, 2
+    return bm, bn, warps, stages
 
 
 LOG2E = 1.4426950408889634
@@ -33,19 +47,26 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _softplus2(z2):
+def _softplus2(z2, FAST: tl.constexpr):
     # log2(1 + 2^z2) without overflow: max(z2, 0) + log2(1 + t), t = 2^-|z2| in (0, 1].
     # softplus(z) is LN2 * _softplus2(z * LOG2E); the constant LN2 cancels in the normalisation.
-    # log2(1 + t) = t * P(t), P a degree-6 fit of log2(1 + t) / t on [0, 1] (relative error
-    # 1.6e-6 in fp32): one special-function call per score instead of two. The special-function
-    # unit does 1/8 of the FMA rate, so exp2 + log2 would bound the kernel (spec ops.md §2.2).
+    # log2(1 + t) = t * P(t), P a least-squares fit of log2(1 + t) / t on [0, 1]: one
+    # special-function call per score instead of two (that unit runs at 1/8 of the FMA rate).
+    # FAST (fp16/bf16 inputs): degree 4, relative error 6.5e-5, far below the inputs' rounding;
+    # else degree 6, relative error 1.6e-6.
     t = tl.exp2(-tl.abs(z2))
-    p = 0.019927934 * t - 0.094356
-    p = p * t + 0.21363184
-    p = p * t - 0.33821112
-    p = p * t + 0.4774559
-    p = p * t - 0.72114044
-    p = p * t + 1.4426929
+    if FAST:
+        p = 0.058372617 * t - 0.22450235
+        p = p * t + 0.44020858
+        p = p * t - 0.71663153
+        p = p * t + 1.442601
+    else:
+        p = 0.019927934 * t - 0.094356
+        p = p * t + 0.21363184
+        p = p * t - 0.33821112
+        p = p * t + 0.4774559
+        p = p * t - 0.72114044
+        p = p * t + 1.4426929
     return tl.maximum(z2, 0.0) + t * p
 
 
@@ -108,7 +129,7 @@ def _row_sums(acc_s, q, row_fac2, k_base, nk_base, km_base, offs_m, row_ok, offs
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         z2 = _scores(q, row_fac2, k_base, nk_base, offs_n, offs_d, sk_n, LK, D, not MASKED, IEEE)
-        a = _softplus2(z2)
+        a = _softplus2(z2, not IEEE)
         if MASKED or HAS_MASK:
             a = tl.where(_visible(offs_m, offs_n, row_ok, LK, shift, km_base, MASKED, CAUSAL,
                                   HAS_MASK), a, 0.0)
@@ -127,7 +148,7 @@ def _accumulate(acc_s, acc_o, m_run, acc_r, acc_rv, q, row_fac2, k_base, v_base,
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         z2 = _scores(q, row_fac2, k_base, nk_base, offs_n, offs_d, sk_n, LK, D, not MASKED, IEEE)
-        a = _softplus2(z2)
+        a = _softplus2(z2, not IEEE)
         if MASKED or HAS_MASK:
             vis = _visible(offs_m, offs_n, row_ok, LK, shift, km_base, MASKED, CAUSAL, HAS_MASK)
             a = tl.where(vis, a, 0.0)
@@ -258,9 +279,9 @@ def visible_counts(b: int, lq: int, lk: int, causal: bool, key_mask: torch.Tenso
 def softplus_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                key_mask: torch.Tensor | None = None, causal: bool = True,
                                power: float = 0.0, eps: float = 1e-8,
-                               fallback_on_empty: bool = True, block_m: int = BLOCK_M,
-                               block_n: int = BLOCK_N, num_warps: int | None = None,
-                               num_stages: int = NUM_STAGES) -> torch.Tensor:
+                               fallback_on_empty: bool = True, block_m: int | None = None,
+                               block_n: int | None = None, num_warps: int | None = None,
+                               num_stages: int | None = None) -> torch.Tensor:
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if h % hkv:
@@ -278,6 +299,9 @@ def softplus_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     inv_nk = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).clamp_min_(1e-12)
     inv_nk = inv_nk.reciprocal_()
     pow_int = int(power) if float(power).is_integer() and 0 < power < 128 else 0
+    cfg = launch_config(max(d, dv), q.dtype, power > 0)
+    block_m, block_n = block_m or cfg[0], block_n or cfg[1]
+    num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
     grid = (triton.cdiv(lq, block_m), b * h)
     _lssa_fwd[grid](
         q, k, v, out, n_vis, km, inv_nk,
@@ -289,6 +313,6 @@ def softplus_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, HAS_MASK=key_mask is not None, REWEIGHT=power > 0,
         FALLBACK=fallback_on_empty, POW_INT=pow_int, IEEE=fp32_dots(q.dtype),
-        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -19,11 +19,13 @@ import triton.language as tl
 
 from surgery.backends.triton.common import as_rows, from_rows
 
-MAX_FUSED = 16384  # longest row kept whole in registers (fp32: 64 KB per program)
-TILE = 2048  # tile of the two-pass path
+# Chosen on an H100 with benchmarks/kernels_tune.py (docs/bench/kernels.md has the numbers).
+MAX_FUSED = 32768  # longest row kept whole in registers (fp32: 128 KB, one program per SM)
+FUSED_WARPS_LONG = 32  # fused path, rows above 8192: 1024 threads keep <= 32 values each
+TILE = 8192  # tile of the two-pass path
 PROGRAMS_PER_SM = 2  # two-pass forward: resident programs per SM (rows in flight, see above)
-TWO_PASS_WARPS = 8
-FUSED_WARPS_LONG = 16  # fused path, rows above 8192
+TWO_PASS_WARPS = 16
+TWO_PASS_STAGES = 1  # software pipelining of the tile loads (1: none; 2-3 measured no faster)
 
 
 @triton.jit
@@ -54,11 +56,12 @@ def _fwd_fused(x_ptr, y_ptr, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_two_pass(x_ptr, y_ptr, rows, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr):
+def _fwd_two_pass(x_ptr, y_ptr, rows, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.constexpr,
+                  STAGES: tl.constexpr):
     for r in range(tl.program_id(0), rows, tl.num_programs(0)):  # persistent: see the docstring
         row = tl.cast(r, tl.int64)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n, BLOCK):
+        for start in tl.range(0, n, BLOCK, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n
             x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0,
@@ -68,7 +71,7 @@ def _fwd_two_pass(x_ptr, y_ptr, rows, n, sx, sy, LOG: tl.constexpr, BLOCK: tl.co
         total = tl.sum(acc, axis=0)
         log_total = tl.log(total)
         inv_total = 1.0 / total
-        for start in range(0, n, BLOCK):
+        for start in tl.range(0, n, BLOCK, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n
             x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0,
@@ -160,7 +163,8 @@ def stablemax_forward(x: torch.Tensor, dim: int = -1, log: bool = False,
         else:
             grid = (programs or _persistent_programs(rows.shape[0], rows.device),)
             _fwd_two_pass[grid](rows, out, rows.shape[0], n, rows.stride(0), out.stride(0),
-                                LOG=log, BLOCK=tile, num_warps=TWO_PASS_WARPS)
+                                LOG=log, BLOCK=tile, STAGES=TWO_PASS_STAGES,
+                                num_warps=TWO_PASS_WARPS)
     return from_rows(out, shape, d)
 
 

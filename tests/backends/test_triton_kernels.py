@@ -214,3 +214,17 @@ def test_quant_matmul_per_channel_no_bias_3d_input():
     torch.testing.assert_close(quant_matmul.int4_linear(x, qw, scales, zeros, None, 33,
                                                         block_n=16, block_k=16),
                                Q.int4_linear(x, qw, scales, zeros, None, 33), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_only_bypasses_the_kernels(monkeypatch):
+    # The lowering gate's oracle: on a GPU the op's CUDA implementation is the kernel, so the
+    # reference side of the comparison must not dispatch to it.
+    from surgery.backends.triton import registry
+
+    monkeypatch.setitem(registry.KERNELS, "stablemax", lambda x, dim: torch.zeros_like(x))
+    x = _rows(torch.float32)
+    assert torch.equal(registry.run("stablemax", x, -1), torch.zeros_like(x))
+    with registry.reference_only():
+        got = registry.run("stablemax", x, -1)
+    torch.testing.assert_close(got, sm.stablemax_reference(x, -1), equal_nan=True)
+    assert torch.equal(registry.run("stablemax", x, -1), torch.zeros_like(x))  # restored
