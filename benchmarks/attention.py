@@ -179,6 +179,30 @@ def grokking(out: Path, quick: bool, modulus: int | None = None, steps: str | in
     return result
 
 
+def merge_grokking(paths: list[str], out: Path, tag: str) -> dict:
+    """One table and plot from several grokking result files (runs on different machines or
+    resumed from checkpoints); each run keeps the device it ran on."""
+    merged: dict | None = None
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        for run in part["runs"]:
+            run.setdefault("device", part["device"])
+        if merged is None:
+            merged = {**part, "device": "per run", "runs": []}
+        merged["runs"] += part["runs"]
+    assert merged is not None
+    print("| loss | seed | device | steps run | final test acc | best test acc | "
+          "first step test >= 95% | Softmax Collapse (train, final / max) | time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in merged["runs"]:
+        print(f"| {r['loss']} | {r.get('seed', 0)} | {r['device']} | {r['steps_run']} | "
+              f"{r['final_test_acc']:.3f} | {r['best_test_acc']:.3f} | {r['step_test_95']} | "
+              f"{r['final_collapse']:.1%} / {r['max_collapse']:.1%} | {r['seconds']} |")
+    (out / f"attention_grokking{tag}.json").write_text(json.dumps(merged, indent=1))
+    _plot_grokking(merged, out / f"attention_grokking{tag}.png")
+    return merged
+
+
 def _plot_grokking(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -188,6 +212,8 @@ def _plot_grokking(result: dict, path: Path) -> None:
     for r in result["runs"]:
         h = r["history"]
         name = r["loss"] + (f" seed {r['seed']}" if len({x.get("seed", 0) for x in result["runs"]}) > 1 else "")
+        if result.get("device") == "per run":
+            name += f" ({r['device'].split(' (')[0]})"
         line, = ax.plot(h["step"], h["test_acc"], label=f"{name} (test)")
         ax.plot(h["step"], h["train_acc"], ls=":", color=line.get_color(), label=f"{name} (train)")
         ax2.plot(h["step"], h["collapse"], color=line.get_color(), label=name)
@@ -332,6 +358,8 @@ def main() -> None:
     ap.add_argument("--checkpoint-dir", help="grokking: save each run at every evaluation and resume "
                                              "from there when run again (long runs on a shared machine)")
     ap.add_argument("--seeds", default="0", help="grokking: comma-separated seeds (data split and init)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="grokking: merge these result files into one table and plot, run nothing")
     ap.add_argument("--tag", default="", help="suffix for the output files (variations)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (use 1 on a shared machine)")
     ap.add_argument("--lm-steps", type=int, help="length: training steps (default 3000)")
@@ -341,6 +369,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge_grokking(args.merge, out, args.tag)
+        return
     torch.manual_seed(0)
     losses = tuple(x for x in args.grok_losses.split(",") if x)
     unknown = set(losses) - set(GROK_LOSSES)

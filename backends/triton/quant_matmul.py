@@ -17,9 +17,12 @@ Two paths (the weight bytes dominate traffic at decode, the FLOPs at prefill):
   (OR the code into the mantissa of 8388608.0 and subtract it, no int-to-float conversion), and
   the group scale applied once per word: acc += s * (sum q*x - z * sum x). Otherwise a byte path
   splits each byte into its two nibbles against the even / odd x.
-- GEMM: BLOCK_M x BLOCK_N tiles; a BLOCK_K slab of the weight is dequantised to x's dtype in
-  registers and fed to ``tl.dot`` (fp32 accumulation), as the reference casts the dequantised
-  weight to x's dtype before ``F.linear``.
+- GEMM (prefill), fp16/bf16 x and word-aligned shapes: ``_dequant_words`` writes the weight once
+  in x's dtype and cuBLAS multiplies, exactly the reference's "cast the dequantised weight to x's
+  dtype, then F.linear" (H100, 4096 x 4096: 0.31 ms at 256 rows against 2.0 ms for the tiled
+  kernel; its strided 2-byte stores are the known bottleneck, docs/bench/kernels.md).
+  Otherwise (fp32, odd shapes) BLOCK_M x BLOCK_N tiles: a BLOCK_K slab of the weight is
+  dequantised in registers and fed to ``tl.dot`` (fp32 accumulation).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from surgery.backends.triton.common import fp32_dots
 GEMV_MAX_ROWS = 4  # at most this many rows of x take the GEMV path
 # word path of the GEMV, chosen on an H100 with benchmarks/kernels_tune.py: block_k by bits
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 4, {4: 2048, 8: 1024}, 2
-# prefill on fp16/bf16: dequantise + cuBLAS (3-60x faster than _gemm on an H100)
+# prefill on fp16/bf16: dequantise + cuBLAS (1.7-63x faster than _gemm on an H100)
 GEMM_VIA_DEQUANT = True
 
 
