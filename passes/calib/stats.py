@@ -10,7 +10,9 @@ class LinearStats:
 
     ``tokens``: rows seen; ``samples``: sequences seen (leading dimension of each batch, as the
     GPTQ/SparseGPT reference counts them); ``sum``: per-column sum (float64); ``sq_sum``: per-
-    column sum of squares (float64); ``gram``: XᵀX (float64, only when collected).
+    column sum of squares (float64); ``seq_var_sum``: per-column sum over sequences of
+    (tokens in the sequence x the variance within it) (float64); ``gram``: XᵀX (float64, only
+    when collected).
     """
 
     def __init__(self, in_features: int, gram: bool = True, device=None):
@@ -19,6 +21,7 @@ class LinearStats:
         self.samples = 0
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.seq_var_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.gram = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
                      if gram else None)
 
@@ -26,6 +29,10 @@ class LinearStats:
     def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
         """Add one batch of inputs (..., in_features); ``gram`` = its XᵀX if already computed."""
         self.samples += x.shape[0] if x.dim() > 1 else 1
+        seqs = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+        seqs = seqs.to(torch.float32)
+        self.seq_var_sum += (seqs.var(dim=1, unbiased=False) * seqs.shape[1]).sum(
+            0, dtype=torch.float64)
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self.tokens += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
@@ -45,6 +52,12 @@ class LinearStats:
         """Per-column population variance E[x²] - E[x]²."""
         n = max(self.tokens, 1)
         return (self.sq_sum / n - self.mean() ** 2).clamp(min=0)
+
+    def sequence_var(self) -> torch.Tensor:
+        """Token-weighted mean of the per-sequence variances: the DSnoT reference's Var(x_j),
+        which feeds one calibration sequence per batch and averages each batch's variance over
+        its tokens (it leaves out the spread between sequences' means that ``var`` includes)."""
+        return self.seq_var_sum / max(self.tokens, 1)
 
     def col_norms(self) -> torch.Tensor:
         """||X_j||_2 per input column (Wanda's activation norm)."""

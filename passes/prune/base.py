@@ -191,7 +191,8 @@ class PrunePass(ModulePass):
         # x̄ as the reference accumulates it, Σ_tokens x / n_sequences, so that update_threshold
         # keeps the reference's meaning (a per-token mean would make 0.1 freeze most rows)
         xbar = (stats.sum / max(stats.samples, 1)).float()
-        new = dsnot(W, keep, initial, wanda, xbar, stats.var().float(), n=n, m=m,
+        # Var(x) as the reference accumulates it too (mean of per-sequence variances)
+        new = dsnot(W, keep, initial, wanda, xbar, stats.sequence_var().float(), n=n, m=m,
                     max_cycles=cfg.max_cycle_time, threshold=cfg.update_threshold,
                     gamma=cfg.pow_of_var_regrowing)
         swaps = int((new & ~keep).sum())

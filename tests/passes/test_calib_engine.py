@@ -153,6 +153,24 @@ def test_stats_derived_quantities():
         s2.hessian()
 
 
+def test_sequence_var_is_the_dsnot_references_running_variance():
+    # The reference feeds one sequence per batch and keeps a token-weighted running mean of each
+    # batch's variance over its tokens; batches of several sequences here must give the same.
+    torch.manual_seed(0)
+    seqs = [torch.randn(1, t, 3) * (i + 1) + i for i, t in enumerate((5, 7, 4, 4))]
+    var, ntok = None, 0
+    for x in seqs:  # the reference's add_batch, transcribed
+        v = x[0].T.var(dim=1, unbiased=False)
+        var = v if ntok == 0 else (var * ntok + v * x.shape[1]) / (ntok + x.shape[1])
+        ntok += x.shape[1]
+    s = LinearStats(3, gram=False)
+    s.add(seqs[0])
+    s.add(seqs[1])
+    s.add(torch.cat([seqs[2], seqs[3]]))  # one batch of two sequences of 4 tokens
+    torch.testing.assert_close(s.sequence_var(), var.double())
+    assert not torch.allclose(s.sequence_var(), s.var())  # it leaves out between-sequence spread
+
+
 def test_hessian_helpers():
     torch.manual_seed(0)
     x = torch.randn(50, 6)
