@@ -90,13 +90,44 @@ def _gemv_int4(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m, 
 
 
 @triton.jit
+def _word_codes(qw_ptr, offs_n, offs_w, m2, sq_n, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """A (BLOCK_N, BLOCK_W) tile of int32 words; signed codes flipped to offset binary, so every
+    code is unsigned and a signed layer's zero point is 2^(BITS-1) (see _word_group_params)."""
+    words = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * sq_n + offs_w[None, :], mask=m2,
+                    other=0)
+    if SIGNED:
+        if BITS == 4:
+            words = words ^ -2004318072  # 0x88888888
+        else:
+            words = words ^ -2139062144  # 0x80808080
+    return words
+
+
+@triton.jit
+def _code_as_float(words, j: tl.constexpr, BITS: tl.constexpr):
+    """Code j of every word as fp32, exactly: OR it into the mantissa of 2^23, subtract 2^23."""
+    code = ((words >> (BITS * j)) & ((1 << BITS) - 1)) | 0x4B000000
+    return code.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _word_group_params(s_ptr, z_ptr, offs_n, n_ok, offs_w, w_ok, G, GROUP, BITS: tl.constexpr,
+                       HAS_ZEROS: tl.constexpr):
+    """Scale and zero point of each word's group (a group holds whole words)."""
+    s, z = _group_params(s_ptr, z_ptr, offs_n, n_ok, offs_w * (32 // BITS), w_ok, G, GROUP,
+                         HAS_ZEROS)
+    if not HAS_ZEROS:
+        z += 1 << (BITS - 1)  # offset binary (_word_codes)
+    return s, z
+
+
+@triton.jit
 def _gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m, sq_n, sy_m,
                 BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZEROS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     # qw_ptr: the weight as int32 words, PER_WORD codes each, code j of word w = column PER_WORD*w+j.
     # Partial sums stay per (row, word) until the end: one cross-thread reduction per program.
     PER_WORD: tl.constexpr = 32 // BITS
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,27 +138,16 @@ def _gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, GROUP, sx_m,
         offs_w = start + tl.arange(0, BLOCK_W)
         w_ok = offs_w < n_words
         m2 = n_ok[:, None] & w_ok[None, :]
-        words = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * sq_n + offs_w[None, :], mask=m2,
-                        other=0)
-        if SIGNED:  # two's complement -> offset binary: q = u - 2^(BITS-1), folded into z below
-            if BITS == 4:
-                words = words ^ -2004318072  # 0x88888888
-            else:
-                words = words ^ -2139062144  # 0x80808080
+        words = _word_codes(qw_ptr, offs_n, offs_w, m2, sq_n, BITS, SIGNED)
         dot = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
         for j in tl.static_range(PER_WORD):
             xj = tl.load(x_ptr + row * sx_m + offs_w * PER_WORD + j, mask=w_ok,
                          other=0.0).to(tl.float32)
-            code = ((words >> (BITS * j)) & CODE_MASK) | 0x4B000000  # 2^23 + code, as fp32 bits
-            dot += (code.to(tl.float32, bitcast=True) - 8388608.0) * xj[None, :]
+            dot += _code_as_float(words, j, BITS) * xj[None, :]
             xsum += xj
-        gi = (offs_w * PER_WORD) // GROUP
-        s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0.0)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0).to(tl.float32)
-        else:
-            z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), tl.float32)
+        s, z = _word_group_params(s_ptr, z_ptr, offs_n, n_ok, offs_w, w_ok, G, GROUP, BITS,
+                                  HAS_ZEROS)
         acc += s * (dot - z * xsum[None, :])
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -141,28 +161,17 @@ def _dequant_words(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, GROUP, sq_n, sw_n,
                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     # w[n, k] = (q - z) * s in w's dtype, from the int32-word view of the codes (see _gemv_words)
     PER_WORD: tl.constexpr = 32 // BITS
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    m2 = (offs_n < N)[:, None] & (offs_w < K // PER_WORD)[None, :]
+    n_ok = offs_n < N
+    w_ok = offs_w < K // PER_WORD
+    m2 = n_ok[:, None] & w_ok[None, :]
+    words = _word_codes(qw_ptr, offs_n, offs_w, m2, sq_n, BITS, SIGNED)
+    s, z = _word_group_params(s_ptr, z_ptr, offs_n, n_ok, offs_w, w_ok, G, GROUP, BITS, HAS_ZEROS)
     rows = offs_n[:, None].to(tl.int64)
-    words = tl.load(qw_ptr + rows * sq_n + offs_w[None, :], mask=m2, other=0)
-    if SIGNED:
-        if BITS == 4:
-            words = words ^ -2004318072  # 0x88888888
-        else:
-            words = words ^ -2139062144  # 0x80808080
-    gi = (offs_w * PER_WORD) // GROUP
-    s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0.0)
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=m2, other=0).to(tl.float32)
-    else:
-        z = tl.full([BLOCK_N, BLOCK_W], 1 << (BITS - 1), tl.float32)
     for j in tl.static_range(PER_WORD):
-        code = ((words >> (BITS * j)) & CODE_MASK) | 0x4B000000
-        q = code.to(tl.float32, bitcast=True) - 8388608.0
         tl.store(w_ptr + rows * sw_n + offs_w[None, :] * PER_WORD + j,
-                 ((q - z) * s).to(w_ptr.dtype.element_ty), mask=m2)
+                 ((_code_as_float(words, j, BITS) - z) * s).to(w_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
