@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from surgery import ast
 from surgery.binder import Plan, bind
-from surgery.checker import CheckedProgram, check
+from surgery.check import CheckedProgram, check
 from surgery.models import LoadedModel
 from surgery.parser import parse
 from surgery.progress import Progress
@@ -23,7 +23,7 @@ class Program:
         self.text = text
         self.name = name
         self.source = SourceFile(text, name)
-        self.ast: ast.Program = parse(text, name)
+        self.ast: ast.ScriptNode = parse(text, name)
         self._checked: CheckedProgram | None = None
 
     def check(self) -> CheckedProgram:

@@ -34,6 +34,8 @@ class SwapParams(PassParams):
 class SwapPass(ModulePass):
     """Base of `swap softmax in SEL for <method>`; subclasses say which normaliser."""
 
+    statement_fields = frozenset({"op"})
+
     plan_needs_code = True  # check_module traces the attention forward to find the softmax
 
     verb: ClassVar[str] = "swap"

@@ -2,7 +2,7 @@
 
 import importlib
 
-for _name in ("onnx", "peft"):
+for _name in ("onnx", "peft", "save"):
     try:
         importlib.import_module(f"{__name__}.{_name}")
     except ModuleNotFoundError as _e:

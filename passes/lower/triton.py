@@ -68,6 +68,7 @@ class LowerParams(PassParams):
 
 @register
 class LowerTriton(ModulePass):
+    statement_fields = frozenset({"ops"})
     verb = "lower"
     method = "triton"
     summary = "run StableMax, softplus attention, softmax and int4/int8 matmul on Triton kernels"

@@ -127,6 +127,8 @@ def merge_state_dicts(merger: TensorMerger, base: Mapping[str, Tensor] | None,
 class MergePass(ModelPass):
     """Base of the parameter-space merge methods (`merge A, B [into BASE] using METHOD(...)`)."""
 
+    statement_fields = frozenset({"models", "base"})
+
     verb = "merge"
     produces = frozenset({State.MERGED})
     accepts = frozenset({State.MERGED})

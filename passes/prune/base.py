@@ -88,6 +88,7 @@ class PruneParams(PassParams):
 
 
 class PrunePass(ModulePass):
+    statement_fields = frozenset({"sparsity"})
     verb: ClassVar[str] = "prune"
     leaf_types = (nn.Linear,)
     accepts = frozenset({State.MASKED, State.MERGED, State.SWAPPED})

@@ -72,6 +72,7 @@ class QuantizePass(ModulePass):
     """Base of `quantize` methods: states, leaf types and the divisibility check."""
 
     verb = "quantize"
+    statement_fields = frozenset({"format"})
     leaf_types: ClassVar[tuple[type, ...]] = (nn.Linear, QuantLinear)
     accepts = frozenset({State.MASKED, State.MERGED, State.SWAPPED})
     produces = frozenset({State.QUANTIZED})
