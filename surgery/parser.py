@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast as pyast
 import re
 import warnings
-from functools import lru_cache
 from importlib import resources
 
 import lark
@@ -34,22 +33,27 @@ _TERMINAL_TEXT = {
 }
 
 
-@lru_cache(maxsize=1)
+_built: tuple[object, lark.Lark] | None = None  # (the verb table it was built from, parser)
+
+
 def _lark() -> lark.Lark:
+    """The parser for the current verb table (rebuilt when a verb is added)."""
+    global _built
+    if _built is None or _built[0] is not verbs.VERBS:
+        _built = (verbs.VERBS, _build(verbs.VERBS))
+    return _built[1]
+
+
+def _build(table) -> lark.Lark:
     text = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
-    # Longest words first, so a verb that is a prefix of another cannot win the alternation.
-    def alternation(words) -> str:
+
+    def alternation(words) -> str:  # longest first: a verb that prefixes another cannot win
         return "|".join(re.escape(w) for w in sorted(set(words), key=lambda w: (-len(w), w)))
 
-    text = (text.replace("@VERBS@", alternation(v.verb for v in verbs.VERBS if not v.head_then_path))
-                .replace("@PATH_VERBS@", alternation(v.verb for v in verbs.VERBS if v.head_then_path))
-                .replace("@PREPS@", alternation(verbs.prepositions())))
+    text = (text.replace("@VERBS@", alternation(v.verb for v in table if not v.head_then_path))
+                .replace("@PATH_VERBS@", alternation(v.verb for v in table if v.head_then_path))
+                .replace("@PREPS@", alternation(p for v in table for p in v.clauses)))
     return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=False)
-
-
-def reset_grammar() -> None:
-    """Rebuild the grammar on next use (after a verb was added to the table)."""
-    _lark.cache_clear()
 
 
 # ---------------------------------------------------------------------------- statement split

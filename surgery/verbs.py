@@ -151,12 +151,7 @@ def usage(verb: str) -> str:
 
 
 def add_verb(spec: VerbSpec) -> None:
-    """Register a verb form (for plugins and tests). The grammar picks it up when it is next
-    built, so add verbs before parsing, as entry-point plugins do at import."""
+    """Register a verb form (for plugins): the parser's grammar follows on its next parse."""
     global VERBS
-    if spec in VERBS:
-        return
-    VERBS = VERBS + (spec,)
-    from surgery import parser
-
-    parser.reset_grammar()
+    if spec not in VERBS:
+        VERBS = VERBS + (spec,)  # a new tuple: the parser rebuilds its grammar from it

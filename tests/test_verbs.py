@@ -90,7 +90,6 @@ def test_adding_a_verb_as_documented(clean_registry, monkeypatch):
     ns = {"VerbSpec": VerbSpec, "Part": Part, "Slot": Slot}
     (spec,) = eval("(" + row + ")", ns)
     monkeypatch.setattr(verbs, "VERBS", verbs.VERBS + (spec,))
-    parser.reset_grammar()
     try:
         exec(compile(pass_file, "passes/scale/constant.py", "exec"), {"__name__": "scale_doc"})
         net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -109,7 +108,6 @@ def test_adding_a_verb_as_documented(clean_registry, monkeypatch):
         assert d.code == "E0208" and d.help == "usage: scale SELECTOR by NUMBER [using METHOD(...)]"
     finally:
         monkeypatch.undo()
-        parser.reset_grammar()
     with pytest.raises(SurgeryError) as e:  # gone with its row
         Program("scale type(Linear) by 0.5\n").check()
     assert e.value.diagnostics[0].code == "E0101"

@@ -68,7 +68,7 @@ def message_for(err: dict, model: type[BaseModel], name: str) -> tuple[str, str 
         return f"`{name}` must be {_KIND[kind]}, got {_shown(value)}", None
     if kind in ("value_error", "assertion_error"):  # our own validators' messages
         msg = str(ctx.get("error", err["msg"])).removeprefix("Value error, ")
-        return f"invalid value for `{name}`: {msg}", None
+        return (f"invalid value for `{name}`: {msg}" if name else msg), None
     expected = getattr(field.annotation, "__name__", None) if field else None
     return (f"invalid value {_shown(value)} for `{name}`",
             f"expected {expected}" if expected else None)

@@ -8,54 +8,38 @@ pass's ``Params``. No verb has code of its own here.
 
 from __future__ import annotations
 
-from typing import Any
-
 from surgery import ast, registry, verbs
 from surgery.check import params as param_check
+from surgery.check.parts import Reading, read_part
 from surgery.check.program import Checking, Step
-from surgery.check.selectors import selector as read_selector
-from surgery.check.values import describe, to_value
+from surgery.check.values import to_value
 from surgery.diagnostics import Code, Label, did_you_mean
 from surgery.selectors import Everything
 from surgery.source import Span
-from surgery.verbs import Part, Slot, VerbSpec
-
-_MISSING = object()  # a part that failed to read (already reported)
-
-
-class _Read:
-    """What a statement's parts said: the selector, the method call, field values."""
-
-    def __init__(self):
-        self.selector = None
-        self.method: ast.Call | None = None
-        self.options: ast.Call | None = None
-        self.values: dict[str, tuple[Any, Span]] = {}
-        self.ok = True
-
+from surgery.verbs import VerbSpec
 
 def check_statement(cx: Checking, stmt: ast.VerbStmt) -> None:
     first = stmt.operands[0].id if stmt.operands and isinstance(stmt.operands[0], ast.Name) else None
     spec = verbs.form_for(stmt.verb, first)
     if not _clauses_ok(cx, stmt, spec):
         return
-    read = _Read()
+    read = Reading()
     operands = stmt.operands
     if spec.tail is not None:  # VERB FORMAT "PATH": the grammar guarantees the two operands
-        _read_part(cx, stmt, spec, spec.head, operands[:1], stmt.verb_span, read)
-        _read_part(cx, stmt, spec, spec.tail, operands[1:], stmt.verb_span, read)
+        read_part(cx, stmt, spec, spec.head, operands[:1], stmt.verb_span, read)
+        read_part(cx, stmt, spec, spec.tail, operands[1:], stmt.verb_span, read)
     elif spec.head is None and operands:
         cx.add(Code.E0207, f"`{stmt.verb}` takes no operand before its clauses", operands[0].span,
                help=verbs.usage(stmt.verb))
         return
     elif spec.head is not None:
-        _read_part(cx, stmt, spec, spec.head, operands, stmt.verb_span, read)
+        read_part(cx, stmt, spec, spec.head, operands, stmt.verb_span, read)
     for prep, part in spec.clauses.items():
         clause = stmt.clause(prep)
         if clause is not None:
-            _read_part(cx, stmt, spec, part, clause.operands, clause.span, read)
+            read_part(cx, stmt, spec, part, clause.operands, clause.span, read)
     if stmt.using is not None:
-        _read_part(cx, stmt, spec, spec.using, [stmt.using], stmt.using.span, read)
+        read_part(cx, stmt, spec, spec.using, [stmt.using], stmt.using.span, read)
     if not read.ok:
         return
     cls, method_span = _resolve_pass(cx, stmt, spec, read)
@@ -100,106 +84,7 @@ def _clauses_ok(cx: Checking, stmt: ast.VerbStmt, spec: VerbSpec) -> bool:
     return ok
 
 
-def _read_part(cx: Checking, stmt: ast.VerbStmt, spec: VerbSpec, part: Part,
-               operands: list[ast.Expr], anchor: Span, read: _Read) -> None:
-    if not operands:
-        cx.add(Code.E0207, f"`{stmt.verb}` needs {part.what}", anchor, help=verbs.usage(stmt.verb))
-        read.ok = False
-        return
-    if part.slot not in (Slot.WORDS, Slot.MODELS) and len(operands) != 1:
-        hint = "combine selectors with `|`, not `,`" if part.slot is Slot.SELECTOR else \
-            verbs.usage(stmt.verb)
-        cx.add(Code.E0212, f"`{stmt.verb}` takes one {part.slot.value} here", operands[1].span,
-               help=hint)
-        read.ok = False
-        return
-    value = _READERS[part.slot](cx, stmt, part, operands)
-    if value is _MISSING:
-        read.ok = False
-    elif part.slot is Slot.SELECTOR:
-        read.selector = value
-    elif part.slot is Slot.METHOD:
-        read.method = value
-    elif part.slot is Slot.OPTIONS:
-        read.options = value
-    elif part.field is not None:
-        read.values[part.field] = (value, Span.cover(operands[0].span, operands[-1].span))
-
-
-def _wrong(cx: Checking, part: Part, expr: ast.Expr, stmt: ast.VerbStmt):
-    cx.add(Code.E0303 if part.field in ("format", "sparsity") else Code.E0211,
-           f"`{stmt.verb}` expects {part.what} here, got {describe(expr)}", expr.span,
-           help=verbs.usage(stmt.verb))
-    return _MISSING
-
-
-def _selector(cx, stmt, part, ops):
-    sel = read_selector(cx, ops[0])
-    return _MISSING if sel is None else sel
-
-
-def _word(cx, stmt, part, ops):
-    return ops[0].id if isinstance(ops[0], ast.Name) else _wrong(cx, part, ops[0], stmt)
-
-
-def _words(cx, stmt, part, ops):
-    bad = next((o for o in ops if not isinstance(o, ast.Name)), None)
-    return [o.id for o in ops] if bad is None else _wrong(cx, part, bad, stmt)
-
-
-def _pattern(cx, stmt, part, ops):
-    if isinstance(ops[0], (ast.Ratio, ast.Percent)):
-        return to_value(ops[0])
-    return _wrong(cx, part, ops[0], stmt)
-
-
-def _model_names(cx, stmt, part, ops):
-    names = []
-    for o in ops:
-        if not isinstance(o, ast.Name):
-            return _wrong(cx, part, o, stmt)
-        if o.id not in cx.out.models:
-            cx.add(Code.E0200, f"undefined model `{o.id}`", o.span,
-                   help=did_you_mean(o.id, cx.out.models, listing="models")
-                   or 'declare it with `model NAME = "hf:DIR"`')
-            return _MISSING
-        names.append(o.id)
-    return names
-
-
-def _model(cx, stmt, part, ops):
-    names = _model_names(cx, stmt, part, ops)
-    return names if names is _MISSING else names[0]
-
-
-def _method(cx, stmt, part, ops):
-    expr = ops[0]
-    if isinstance(expr, ast.Name):
-        return ast.Call(func=expr.id, func_span=expr.span, span=expr.span)
-    if isinstance(expr, ast.Call):
-        return expr
-    return _wrong(cx, part, expr, stmt)
-
-
-def _path(cx, stmt, part, ops):
-    return ops[0].value if isinstance(ops[0], ast.String) else _wrong(cx, part, ops[0], stmt)
-
-
-def _literal(cx, stmt, part, ops):
-    return part.word
-
-
-def _value(cx, stmt, part, ops):
-    return to_value(ops[0])
-
-
-_READERS = {Slot.SELECTOR: _selector, Slot.WORD: _word, Slot.WORDS: _words,
-            Slot.PATTERN: _pattern, Slot.MODELS: _model_names, Slot.MODEL: _model,
-            Slot.METHOD: _method, Slot.OPTIONS: _method, Slot.PATH: _path,
-            Slot.LITERAL: _literal, Slot.VALUE: _value}
-
-
-def _resolve_pass(cx: Checking, stmt: ast.VerbStmt, spec: VerbSpec, read: _Read):
+def _resolve_pass(cx: Checking, stmt: ast.VerbStmt, spec: VerbSpec, read: Reading):
     """The pass class and the span that names it (None after reporting a problem)."""
     if spec.method is not None:
         name, span = spec.method, stmt.operands[0].span
@@ -239,7 +124,7 @@ def _no_method(cx: Checking, stmt: ast.VerbStmt, span: Span) -> None:
                 "passes register through the `surgery.passes` entry-point group")
 
 
-def _params(cx: Checking, stmt: ast.VerbStmt, spec: VerbSpec, cls, read: _Read):
+def _params(cx: Checking, stmt: ast.VerbStmt, spec: VerbSpec, cls, read: Reading):
     declared = frozenset(cls.statement_fields)
     if declared != spec.fields:  # a bug in the pass, not in the script
         raise TypeError(f"pass {cls.verb}/{cls.method} declares statement_fields "
