@@ -154,6 +154,8 @@ class Code(str, enum.Enum):
     E0102 = "E0102"
     E0103 = "E0103"
     E0104 = "E0104"
+    E0105 = "E0105"
+    E0106 = "E0106"
     # names, declarations and statement shapes
     E0200 = "E0200"
     E0201 = "E0201"
@@ -181,6 +183,7 @@ class Code(str, enum.Enum):
     E0401 = "E0401"
     E0402 = "E0402"
     E0403 = "E0403"
+    E0404 = "E0404"
     # state order
     E0500 = "E0500"
     # models and files
@@ -189,6 +192,8 @@ class Code(str, enum.Enum):
     E0602 = "E0602"
     E0603 = "E0603"
     E0604 = "E0604"
+    E0605 = "E0605"
+    E0606 = "E0606"
     # data
     E0700 = "E0700"
     # run, expectations and outputs
@@ -196,6 +201,8 @@ class Code(str, enum.Enum):
     E0801 = "E0801"
     E0802 = "E0802"
     E0803 = "E0803"
+    E0804 = "E0804"
+    E0805 = "E0805"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -211,6 +218,8 @@ TITLES: dict[Code, str] = {
     Code.E0102: "unterminated string",
     Code.E0103: "unsupported language version",
     Code.E0104: "expression nested too deeply",
+    Code.E0105: "number out of range",
+    Code.E0106: "script is not UTF-8 text",
     Code.E0200: "undefined name",
     Code.E0201: "unknown method",
     Code.E0202: "declared or given twice",
@@ -235,17 +244,22 @@ TITLES: dict[Code, str] = {
     Code.E0401: "selected module cannot take this pass",
     Code.E0402: "shape or divisibility error",
     Code.E0403: "invalid or unsafe glob or regular expression",
+    Code.E0404: "regular expression too slow to match",
     Code.E0500: "illegal order of passes",
     Code.E0600: "model cannot be loaded",
     Code.E0601: "pickle file refused",
     Code.E0602: "file not found",
     Code.E0603: "corrupt checkpoint",
     Code.E0604: "models are incompatible",
+    Code.E0605: "model needs remote code",
+    Code.E0606: "unknown model type or architecture",
     Code.E0700: "data cannot be loaded",
     Code.E0800: "expectation failed",
     Code.E0801: "pass failed",
     Code.E0802: "output path problem",
     Code.E0803: "backend unavailable",
+    Code.E0804: "output locked by another run",
+    Code.E0805: "not enough disk space for the output",
 }
 
 # Kept for callers that want code -> title as plain strings.
