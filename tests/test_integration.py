@@ -20,7 +20,9 @@ save "{out}"
 '''
     prog = surgery.compile(text)
     plan = prog.plan()
-    assert [len(r.modules) for r in plan.rows] == [6, 8, 2, 4]
+    transforms = [r for r in plan.rows if not r.step.is_output]
+    assert [len(r.modules) for r in transforms] == [6, 8, 2, 4]
+    assert [r.step.verb for r in plan.rows if r.step.is_output] == ["save"]
     states = plan.to_json()["states"]
     assert states["model.layers.0.self_attn.q_proj"] == ["adapted", "quantized"]
     assert states["model.layers.0.mlp.up_proj"] == ["masked"]
