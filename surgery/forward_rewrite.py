@@ -82,5 +82,10 @@ class _ViaMarker:
     def __init__(self, parent: nn.Module, marker_name: str):
         self.parent, self.marker_name = parent, marker_name
 
+    @property
+    def __self__(self) -> nn.Module:
+        """The module this forward belongs to, as on a bound method."""
+        return self.parent
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.parent._modules[self.marker_name].run(self.parent, *args, **kwargs)

@@ -55,6 +55,7 @@ def test_a_rewritten_model_still_pickles():
     _Scale(3.0).surgery_attach(lin)
     clone = pickle.loads(pickle.dumps(lin))
     x = torch.randn(1, 3)
+    assert clone.forward.__self__ is clone  # the copy's forward runs the copy
     assert torch.equal(clone(x), lin(x))
 
 
