@@ -14,8 +14,6 @@ uninstalling (a failed gate undoes the step) and the call counters.
 
 from __future__ import annotations
 
-import functools
-import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,8 +52,7 @@ class ForwardRewrite(nn.Module):
         """Make ``parent``'s forward go through this marker (idempotent; used after load)."""
         if parent._modules.get(self.marker_name) is not self:
             setattr(parent, self.marker_name, self)
-        # A partial of a module-level function (not a closure): models stay picklable.
-        parent.forward = types.MethodType(functools.partial(_via_marker, self.marker_name), parent)
+        parent.forward = _ViaMarker(parent, self.marker_name)
 
     def uninstall(self, parent: nn.Module, saved_forward: Any = None) -> None:
         """Undo :meth:`surgery_attach`: drop the marker and restore the instance forward
@@ -76,6 +73,19 @@ class ForwardRewrite(nn.Module):
         raise RuntimeError(f"{type(self).__name__} is a marker; call its parent module")
 
 
-def _via_marker(marker_name: str, parent: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The instance forward of a rewritten module: its marker runs the class forward."""
-    return parent._modules[marker_name].run(parent, *args, **kwargs)
+class _ViaMarker:
+    """The instance forward of a rewritten module: its marker runs the class forward.
+
+    A small object rather than a bound method, so a rewritten model pickles (``torch.save``)
+    and deep-copies: it is rebuilt from the parent and the marker's name."""
+
+    def __init__(self, parent: nn.Module, marker_name: str):
+        self.parent, self.marker_name = parent, marker_name
+
+    @property
+    def __self__(self) -> nn.Module:
+        """The module this forward belongs to, as on a bound method."""
+        return self.parent
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.parent._modules[self.marker_name].run(self.parent, *args, **kwargs)

@@ -61,7 +61,52 @@ def test_type_matches_base_classes():
     assert plan.rows[0].modules == ["0.out_proj"]
 
 
-def test_skeleton_plan_on_smollm2_reads_no_weights():
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+def _make_weights_unreadable(monkeypatch):
+    """Every way surgery or transformers reads weight files raises (Python-level open of a
+    weights file, safetensors' native reader, torch.load, numpy memmaps of a GGUF)."""
+    import builtins
+    import io
+
+    import numpy as np
+    import safetensors
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if str(file).endswith(WEIGHT_SUFFIXES):
+            raise AssertionError(f"weights were read: {file}")
+        return real_open(file, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"weights were read: {args[:1]}")
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+    for module in (safetensors, safetensors.torch, transformers.modeling_utils):
+        for name in ("safe_open", "load_file"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(np, "memmap", refuse)
+
+
+def test_the_weights_guard_stops_a_real_load(tiny_hf_dir, monkeypatch):
+    """The guard below is not vacuous: loading real weights under it fails."""
+    from surgery.models import load_model
+
+    _make_weights_unreadable(monkeypatch)
+    with pytest.raises(SurgeryError, match="weights were read") as e:  # reported as E0603
+        load_model(f"hf:{tiny_hf_dir}")
+    assert e.value.diagnostics[0].code == "E0603"
+
+
+def test_skeleton_plan_on_smollm2_reads_no_weights(monkeypatch):
+    _make_weights_unreadable(monkeypatch)
     t0 = time.perf_counter()
     plan = Program(HEAD + "quantize body to int8\n").plan()
     elapsed = time.perf_counter() - t0

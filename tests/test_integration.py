@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import surgery
+from surgery.passes.prune.sparse_linear import SparseLinear
 
 
 def test_prune_quantize_swap_adapt_round_trip(tiny_hf_dir, tmp_path):
@@ -33,7 +34,7 @@ save "{out}"
         assert torch.equal(res.model(ids).logits, loaded(ids).logits)
     # 2:4 holds after everything else ran
     w = loaded.model.layers[0].mlp.up_proj
-    assert type(w) is torch.nn.Linear  # 2:4 SparseGPT keeps a dense Linear with zeros
+    assert type(w) is SparseLinear and (w.n, w.m) == (2, 4)  # a Linear subclass with a mask
     groups = (w.weight.detach().reshape(w.weight.shape[0], -1, 4) != 0).sum(-1)
     assert int(groups.max()) <= 2
 

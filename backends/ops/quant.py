@@ -142,7 +142,8 @@ def _int4_reference(x, qweight, scales, zeros, bias, in_features):
     return _linear(x, dequantize_int4(qweight, scales, zeros, in_features), bias)
 
 
-register_op(Op("int8_linear", reference=_int8_reference,
-               kernel=Lazy("surgery.backends.triton.quant_matmul:int8_linear"), sites=(("quant", 8),)))
-register_op(Op("int4_linear", reference=_int4_reference,
-               kernel=Lazy("surgery.backends.triton.quant_matmul:int4_linear"), sites=(("quant", 4),)))
+_TRITON = "surgery.backends.triton.quant_matmul"
+register_op(Op("int8_linear", reference=_int8_reference, kernel=Lazy(f"{_TRITON}:int8_linear"),
+               sites=(("quant", 8),)))
+register_op(Op("int4_linear", reference=_int4_reference, kernel=Lazy(f"{_TRITON}:int4_linear"),
+               sites=(("quant", 4),)))

@@ -58,5 +58,7 @@ def _op_reference(x: torch.Tensor, dim: int, algorithm: str) -> torch.Tensor:
     return softmax_reference(x, dim)
 
 
-register_op(Op("softmax", reference=_op_reference, kernel=Lazy("surgery.backends.triton.softmax:softmax_forward"),
-               onnx="surgery.backends.onnx.translations_kernels:softmax", sites=(("generic", None),)))
+register_op(Op("softmax", reference=_op_reference,
+               kernel=Lazy("surgery.backends.triton.softmax:softmax_forward"),
+               onnx="surgery.backends.onnx.translations_kernels:softmax",
+               sites=(("generic", None),)))

@@ -120,5 +120,6 @@ def _kernel_covers(q, k, v, *rest) -> bool:
 
 register_op(Op("softplus_attention", reference=softplus_attention_reference,
                kernel=Lazy("surgery.backends.triton.softplus_attention:softplus_attention_forward"),
-               covers=_kernel_covers, onnx="surgery.backends.onnx.translations_kernels:softplus_attention",
+               covers=_kernel_covers,
+               onnx="surgery.backends.onnx.translations_kernels:softplus_attention",
                sites=(("attention", "softplus"),)))

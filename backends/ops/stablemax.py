@@ -122,11 +122,13 @@ stablemax.register_autograd(_backward, setup_context=_setup)
 log_stablemax.register_autograd(_backward_log, setup_context=_setup)
 
 
+_TRITON = "surgery.backends.triton.stablemax"
+_ONNX = "surgery.backends.onnx.translations_kernels"
 register_op(Op("stablemax", reference=stablemax_reference,
-               kernel=Lazy("surgery.backends.triton.stablemax:stablemax_forward", log=False),
-               onnx="surgery.backends.onnx.translations_kernels:stablemax", sites=(("generic", None), ("attention", "stablemax"))))
+               kernel=Lazy(f"{_TRITON}:stablemax_forward", log=False), onnx=f"{_ONNX}:stablemax",
+               sites=(("generic", None), ("attention", "stablemax"))))
 register_op(Op("log_stablemax", reference=log_stablemax_reference,
-               kernel=Lazy("surgery.backends.triton.stablemax:stablemax_forward", log=True),
-               onnx="surgery.backends.onnx.translations_kernels:log_stablemax", sites=(("generic", None),)))
+               kernel=Lazy(f"{_TRITON}:stablemax_forward", log=True),
+               onnx=f"{_ONNX}:log_stablemax", sites=(("generic", None),)))
 register_op(Op("stablemax_backward", reference=stablemax_backward_reference,
-               kernel=Lazy("surgery.backends.triton.stablemax:stablemax_backward")))
+               kernel=Lazy(f"{_TRITON}:stablemax_backward")))

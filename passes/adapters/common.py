@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from surgery.passapi import State
@@ -34,7 +35,7 @@ def unsupported_reason(method: str, module: nn.Module) -> str | None:
     return None
 
 
-def generator_for(seed: int, path: str) -> "torch.Generator":
+def generator_for(seed: int, path: str) -> torch.Generator:
     """A per-layer generator, so one layer's init does not depend on which others were selected."""
     return name_generator(seed, path)
 
