@@ -11,7 +11,8 @@ from surgery.backends.ops import registry as R
 def test_every_surgery_kernel_op_has_a_record_with_a_working_reference():
     ops = R.all_ops()
     assert set(ops) == {"stablemax", "log_stablemax", "stablemax_backward", "softmax",
-                        "softplus_attention", "int4_linear", "int8_linear"}
+                        "softplus_attention", "int4_linear", "int8_linear",
+                        "linear_cross_entropy", "linear_cross_entropy_backward"}
     x = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for name in ("stablemax", "log_stablemax"):
         assert torch.equal(ops[name].reference(x, -1), getattr(torch.ops.surgery, name)(x, -1))
