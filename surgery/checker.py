@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from surgery import ast
 from surgery import registry
 from surgery.diagnostics import Diagnostic, Label, SurgeryError, did_you_mean
-from surgery.passapi import CallValue, DataRef, NM, Pass, Percent
+from surgery.passapi import CallValue, NM, Pass, Percent
 from surgery.selectors import Everything, Glob, Regex, Selector, SetOp, TypeSel, validate_regex
 from surgery.source import SourceFile, Span
 
@@ -454,9 +454,6 @@ class Checker:
                 self._check_data_refs(kw)
         if not ok:
             return None
-        for name in cls.data_fields():  # names of data declarations travel as DataRef
-            if isinstance(values.get(name), str):
-                values[name] = DataRef(values[name])
         try:
             params = cls.Params.model_validate(values)
         except ValidationError as e:
@@ -677,6 +674,8 @@ class Checker:
             return
         self.out.save_path = stmt.operands[0].value
         self.out.save_span = stmt.span
+        cls = registry.default_pass("save")  # an output pass like `export` (passes/export/save.py)
+        self._add_step(stmt, cls, cls.Params(path=self.out.save_path), None, stmt.verb_span)
 
     def _expect(self, stmt: ast.ExpectStmt):
         left = stmt.left

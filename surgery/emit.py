@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,10 @@ from surgery import registry
 from surgery.atomic import atomic_dir
 from surgery.diagnostics import error
 from surgery.passapi import replace_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    from surgery.binder import Plan
+    from surgery.data import Dataset
 
 MANIFEST = "surgery.json"
 WEIGHTS = "model.safetensors"
@@ -44,6 +49,31 @@ def versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return out
+
+
+@dataclass
+class Provenance:
+    """What a saved model records about how it was made; the runner fills it as it goes."""
+
+    plan: "Plan"
+    seed: int
+    inputs: dict[str, Any]  # model name -> {"source", "files": {name: sha256}}
+    data: dict[str, "Dataset"] = field(default_factory=dict)
+    steps: list[Any] = field(default_factory=list)  # runner.StepRecord, in order
+    expectations: list[Any] = field(default_factory=list)  # expectations.ExpectationRecord
+    tokenizer: Any = None
+
+
+def manifest(prov: Provenance) -> dict[str, Any]:
+    """The `surgery.json` fields that describe the run (save adds versions, module types ...).
+    Step times are left out, so the same run writes the same bytes."""
+    program = prov.plan.program
+    return {"script": program.source.text, "script_name": program.source.name,
+            "seed": prov.seed, "inputs": prov.inputs,
+            "data": {n: {"description": d.description, **d.meta} for n, d in prov.data.items()},
+            "plan": prov.plan.to_json(),
+            "steps": [s.to_json() | {"seconds": None} for s in prov.steps],
+            "expectations": [e.to_json() for e in prov.expectations]}
 
 
 def split_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -20,7 +20,14 @@ save "{out}"
 '''
     prog = surgery.compile(text)
     plan = prog.plan()
-    assert [len(r.modules) for r in plan.rows] == [6, 8, 2, 4]
+    assert [len(r.modules) for r in plan.steps[:4]] == [6, 8, 2, 4]
+    # every statement has a row: `expect` (no modules) and `save` (every leaf it writes)
+    from surgery.passapi import leaves
+
+    assert [r.line for r in plan.rows] == [4, 5, 6, 7, 8, 9]
+    assert plan.rows[4].expectation is not None and plan.rows[4].modules == []
+    assert plan.rows[5].step.verb == "save"
+    assert plan.rows[5].modules == list(leaves(plan.result))
     states = plan.to_json()["states"]
     assert states["model.layers.0.self_attn.q_proj"] == ["adapted", "quantized"]
     assert states["model.layers.0.mlp.up_proj"] == ["masked"]
@@ -30,11 +37,12 @@ save "{out}"
     with torch.no_grad():
         assert torch.equal(res.model(ids).logits, loaded(ids).logits)
     # 2:4 holds after everything else ran
+    from surgery.passes.prune.sparse_linear import SparseLinear
+
     w = loaded.model.layers[0].mlp.up_proj
-    dense = w.weight if hasattr(w, "weight") else None
-    if dense is not None:
-        groups = (dense.detach().reshape(dense.shape[0], -1, 4) != 0).sum(-1)
-        assert int(groups.max()) <= 2
+    assert isinstance(w, SparseLinear)
+    groups = (w.weight.detach().reshape(w.weight.shape[0], -1, 4) != 0).sum(-1)
+    assert int(groups.max()) <= 2
 
 
 def test_merging_adapters_into_int4_names_both_lines(tiny_llama):

@@ -7,13 +7,22 @@ import zlib
 import torch
 import torch.nn as nn
 
-from surgery.passapi import State
+from surgery.passapi import State, register_state
 
 # States an `adapt` target may already carry. An adapter only calls base(x) (LoRA, Bone), so a
 # pruned, quantized, merged or lowered base is fine; a second adapter on the same layer is not.
 ADAPT_ACCEPTS = frozenset({State.MASKED, State.QUANTIZED, State.MERGED, State.SWAPPED,
                            State.LOWERED})
 ADAPT_REFUSALS = {State.ADAPTED: "the layer already has an adapter; `merge adapters` first"}
+
+
+def _adapted(module: nn.Module) -> bool:
+    from surgery.passes.adapters.layers import AdapterLayer
+
+    return isinstance(module, AdapterLayer)
+
+
+register_state(State.ADAPTED, _adapted)
 
 
 def is_linear_like(module: nn.Module) -> bool:
