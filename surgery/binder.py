@@ -151,35 +151,34 @@ def _allows_empty(sel) -> bool:
 
 
 def _targets(step: Step, pass_obj, work: nn.Module, original: nn.Module,
-             models: dict[str, nn.Module], diags: list[Diagnostic]) -> tuple[list[str] | None, bool]:
-    """The paths a step acts on in the simulated model (None after a reported problem), and
-    whether they are paths of the input model whose modules earlier steps replaced."""
+             models: dict[str, nn.Module], diags: list[Diagnostic]):
+    """The paths a step acts on in the simulated model, or None after a reported problem. A
+    third result, when set, is the diagnostic for paths the step cannot act on, unless an order
+    problem (an earlier step replaced or changed those modules) explains it better."""
     if isinstance(pass_obj, ModelPass):  # a model pass acts on every leaf of the subject
         for prob in pass_obj.check_models(models):
             diags.append(Diagnostic("E0604", prob, step.stmt.span))
-        return list(leaves(work)), False
+        return list(leaves(work)), None
     sel_diags = step.selector.problems(work, [n for n, _ in work.named_modules() if n])
     if sel_diags:
         diags.extend(sel_diags)
-        return None, False
+        return None, None
     paths = resolve(step.selector, work)
     if not paths and not _allows_empty(step.selector):
-        gone = resolve(step.selector, original)
-        if gone:  # earlier steps replaced what the selector matches in the input model
-            return _expand(pass_obj, original, gone), True
-        diags.append(Diagnostic("E0400", "the selector matches no module", step.selector.span,
-                                help="write allow_empty=true if that is intended"))
-        return None, False
+        gone = resolve(step.selector, original)  # what it matched before earlier steps ran
+        return _expand(pass_obj, original, gone) or gone, Diagnostic(
+            "E0400", "the selector matches no module" + (
+                f" any more: earlier steps replaced {_module_list(gone)}" if gone else ""),
+            step.selector.span, help="write allow_empty=true if that is intended")
     targets = _expand(pass_obj, work, paths)
     if paths and not targets:
         names = [t.__name__ for t in pass_obj.leaf_types]
         kinds = " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
-        diags.append(Diagnostic(
+        return paths, Diagnostic(
             "E0401", f"the selector matches {len(paths)} module(s) but none is a {kinds}, "
                      f"which `{step.verb} ... {step.method}` works on", step.selector.span,
-            help=f"matched {_module_list(paths)}"))
-        return None, False
-    return targets, False
+            help=f"matched {_module_list(paths)}")
+    return targets, None
 
 
 def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<module>",
@@ -201,14 +200,12 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
 
     for step in program.steps:
         pass_obj = step.pass_cls(step.params)
-        targets, replaced = _targets(step, pass_obj, work, model, sims, diags)
+        targets, unusable = _targets(step, pass_obj, work, model, sims, diags)
         if targets is None:
             continue
-        if replaced:  # only the order problem is worth reporting: the modules are gone
+        if unusable is not None:  # report the order problem if there is one, else `unusable`
             found = _check_states(pass_obj, step, dict.fromkeys(targets), states, program)
-            diags.extend(found or [Diagnostic(
-                "E0400", "the selector matches no module any more: earlier steps replaced "
-                         f"{_module_list(targets)}", step.selector.span)])
+            diags.extend(found or [unusable])
             continue
         if pass_obj.requires:
             # A pass that needs a state (merge adapters) acts where that state is; it is an
