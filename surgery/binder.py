@@ -151,13 +151,11 @@ def _allows_empty(sel) -> bool:
 
 
 def _targets(step: Step, pass_obj, work: nn.Module, original: nn.Module,
-             models: dict[str, nn.Module], diags: list[Diagnostic]):
+             diags: list[Diagnostic]):
     """The paths a step acts on in the simulated model, or None after a reported problem. A
     third result, when set, is the diagnostic for paths the step cannot act on, unless an order
     problem (an earlier step replaced or changed those modules) explains it better."""
     if isinstance(pass_obj, ModelPass):  # a model pass acts on every leaf of the subject
-        for prob in pass_obj.check_models(models):
-            diags.append(Diagnostic("E0604", prob, step.stmt.span))
         return list(leaves(work)), None
     sel_diags = step.selector.problems(work, [n for n, _ in work.named_modules() if n])
     if sel_diags:
@@ -200,7 +198,7 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
 
     for step in program.steps:
         pass_obj = step.pass_cls(step.params)
-        targets, unusable = _targets(step, pass_obj, work, model, sims, diags)
+        targets, unusable = _targets(step, pass_obj, work, model, diags)
         if targets is None:
             continue
         if unusable is not None:  # report the order problem if there is one, else `unusable`
@@ -216,6 +214,9 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
         before = len(diags)
         # An order problem explains the rest (a quantized base cannot take a float merge ...)
         diags.extend(_check_states(pass_obj, step, modules, states, program))
+        if len(diags) == before and isinstance(pass_obj, ModelPass):
+            diags += [Diagnostic("E0604", prob, step.stmt.span)
+                      for prob in pass_obj.check_models(sims)]
         problems = [] if len(diags) > before else \
             [(p, r) for p, m in modules.items() if (r := pass_obj.check_module(p, m))]
         for reason, bad in _group_reasons(problems).items():
