@@ -736,13 +736,3 @@ class Checker:
 def check(program: ast.Program, source: SourceFile) -> CheckedProgram:
     return Checker(program, source).run()
 
-
-def evaluate_bound(expr: ast.Expr, original: float | None) -> float:
-    if isinstance(expr, ast.Number):
-        return expr.value
-    if isinstance(expr, ast.Name):
-        return float(original)
-    if isinstance(expr, ast.Neg):
-        return -evaluate_bound(expr.operand, original)
-    a, b = evaluate_bound(expr.left, original), evaluate_bound(expr.right, original)
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[expr.op]

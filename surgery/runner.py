@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,14 +20,11 @@ from surgery.binder import Plan, PlanRow, bind
 from surgery.checker import CheckedProgram
 from surgery.data import Dataset, corpus, text_file
 from surgery.diagnostics import Diagnostic, SurgeryError
-from surgery.emit import Provenance
+from surgery.emit import PROVENANCE, Provenance, check_output_path, input_hashes
 from surgery.expectations import ExpectationRecord
-from surgery.models import LoadedModel, load_model, load_skeleton, sha256_file
+from surgery.models import LoadedModel, load_model, load_skeleton
 from surgery.passapi import PassError, RunContext, StepReport, leaves
 from surgery.progress import Progress
-
-SAVE_PROVENANCE = "provenance"  # ctx.extras key read by the save pass (passes/export/save.py)
-
 
 @dataclass
 class StepRecord:
@@ -78,15 +74,8 @@ def load_data(program: CheckedProgram, tokenizer) -> dict[str, Dataset]:
 
 def _located(e: SurgeryError, program: CheckedProgram, span) -> SurgeryError:
     for diag in e.diagnostics:
-        diag.span = diag.span or span
-        diag.source = program.source
+        diag.span, diag.source = diag.span or span, program.source
     return SurgeryError(e.diagnostics)
-
-
-def input_hashes(loaded: dict[str, LoadedModel]) -> dict[str, Any]:
-    return {name: {"source": lm.source,
-                   "files": {Path(f).name: sha256_file(Path(f)) for f in lm.files}}
-            for name, lm in loaded.items()}
 
 
 def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Progress,
@@ -150,7 +139,7 @@ class Runner:
                 before[exp.line] = expectations.measure_before(exp, plan.model, data)
         ctx = RunContext(model=plan.model, models=models, data=data, progress=self.progress,
                          seed=self.seed, model_sources={n: lm.source for n, lm in loaded.items()},
-                         extras={SAVE_PROVENANCE: prov})
+                         extras={PROVENANCE: prov})
         rows = _with_output(plan.steps, output)
         for row in (r for r in rows if not r.step.pass_cls.is_output):
             ctx = self._step(row, ctx, report, subject_name)
@@ -211,22 +200,6 @@ def _implicit_save(cls, output: str, stmt):
     span = stmt.span if stmt is not None else NO_SPAN
     node = ast.VerbStmt(verb="save", span=span, verb_span=span)
     return Step(node, "save", cls.method, cls, cls.Params(path=str(output)), None, span)
-
-
-def check_output_path(program: CheckedProgram, path: str | None) -> None:
-    """Refuse, before any work, to replace something that is not a surgery artifact."""
-    if path is None:
-        return
-    p = Path(path)
-    problem = None
-    if p.exists() and not p.is_dir():
-        problem = f"`{path}` exists and is a file"
-    elif p.is_dir() and any(p.iterdir()) and not (p / "surgery.json").exists():
-        problem = f"`{path}` is a non-empty directory that surgery did not write"
-    if problem:
-        raise SurgeryError(Diagnostic("E0802", f"refusing to replace {problem}",
-                                      program.save_span, source=program.source,
-                                      help="choose a new output path or remove it first"))
 
 
 def subject_for(program: CheckedProgram, model, *, skeleton: bool, structural: bool = False,

@@ -13,9 +13,6 @@ from surgery.passapi import (Granularity, ModelPass, PassParams, PassResult, Run
                              StepReport)
 from surgery.registry import register
 
-PROVENANCE = "provenance"  # the ctx.extras key of the run's emit.Provenance
-
-
 class SaveParams(PassParams):
     path: str = Field(description="output directory (written atomically)")
 
@@ -41,7 +38,7 @@ class Save(ModelPass):
     def apply(self, ctx: RunContext, modules) -> PassResult:
         from surgery import emit
 
-        prov = ctx.extras.get(PROVENANCE)
+        prov = ctx.extras.get(emit.PROVENANCE)
         manifest = emit.manifest(prov) if prov is not None else {}
         tokenizer = prov.tokenizer if prov is not None else None
         with ctx.progress.task(f"saving {self.params.path}"):
