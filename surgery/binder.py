@@ -129,7 +129,13 @@ def _expand(pass_obj: ModulePass, model: nn.Module, paths: list[str]) -> list[st
             if c not in seen:
                 seen.add(c)
                 out.append(c)
-    return out
+    # a selected leaf inside another selected leaf (`base_layer` inside its wrapper) goes with it
+    return [c for c in out if not any(a in seen for a in _ancestors(c))]
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _group_reasons(problems: list[tuple[str, str]]) -> dict[str, list[str]]:
