@@ -115,21 +115,28 @@ class StepReport:
         }
 
 
-class ShapeProblem(str):
+class Problem(str):
+    """A `check_module` reason with a help line for the `PassError` that `Pass.run` raises."""
+
+    hint: str | None = None
+
+    def __new__(cls, text: str, hint: str | None = None):
+        obj = super().__new__(cls, text)
+        obj.hint = hint
+        return obj
+
+
+class ShapeProblem(Problem):
     """A `check_module` reason about sizes (a group or block that does not divide a dimension).
     Reported as E0402; a plain string reason is E0401 (the module cannot take this pass)."""
 
 
-class MachineProblem(str):
+class MachineProblem(Problem):
     """A `check_module` reason about this machine (no GPU, a missing package), not the modules:
     reported once per statement as E0803, with ``hint`` as the help line."""
 
-    hint: str
-
     def __new__(cls, text: str, hint: str = "run this step on a machine with a CUDA GPU"):
-        obj = super().__new__(cls, text)
-        obj.hint = hint
-        return obj
+        return super().__new__(cls, text, hint)
 
 
 class PassError(Exception):
@@ -254,7 +261,7 @@ class Pass:
         for path, module in targets.items():
             reason = self.check_module(path, module)
             if reason:
-                raise PassError(str(reason), module=path)
+                raise PassError(str(reason), module=path, hint=getattr(reason, "hint", None))
         result = self.apply(ctx, targets)
         if not isinstance(result, PassResult):
             raise TypeError(f"{type(self).__name__}.apply must return a PassResult, "

@@ -9,13 +9,14 @@ import torch.nn as nn
 from pydantic import field_validator
 
 from surgery.passapi import (DataRef, Granularity, ModulePass, PassError, PassParams, PassResult,
-                             RunContext, State, StepReport, register_state)
+                             Problem, RunContext, State, StepReport, register_state)
 
 from .intercept import NormaliserSpec
 from .swap import (MARKER, AttentionSwap, CannotSynthesise, _no_nested_tensors, capture_inputs,
                    example_inputs, install, is_swapped, no_attention_reason, trace_stats)
 
 SUPPORTED_OPS = ("softmax",)
+SELECT_ATTENTION = 'select attention modules, e.g. type(LlamaAttention) or modules("**.self_attn")'
 
 
 class SwapParams(PassParams):
@@ -61,7 +62,8 @@ class SwapPass(ModulePass):
             stats = trace_stats(module, self.spec(), args, kwargs)
         except Exception:  # noqa: BLE001 - not traceable without real inputs; checked at run time
             return None
-        return no_attention_reason(module, stats)
+        reason = no_attention_reason(module, stats)
+        return Problem(reason, hint=SELECT_ATTENTION) if reason else None
 
     def rewrite_skeleton(self, model, targets, models):
         for path in _outermost(sorted(targets)):
@@ -122,8 +124,7 @@ class SwapPass(ModulePass):
         for path, mod in targets.items():
             reason = no_attention_reason(mod, found[path])
             if reason:
-                raise PassError(reason, module=path,
-                                hint="select attention modules, e.g. type(LlamaAttention) or modules(\"**.self_attn\")")
+                raise PassError(reason, module=path, hint=SELECT_ATTENTION)
         return found
 
 
