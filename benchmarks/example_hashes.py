@@ -8,8 +8,8 @@ read ``out/merge-bench/ft_*`` there: make them first with
 ``python benchmarks/merge.py --part lora --save out/merge-bench`` (run from the workdir).
 
 What is hashed: ``model.safetensors`` of a ``save`` directory (not ``surgery.json``, which holds
-the plan and versions), every file of an ``export`` output (the ONNX file and its external data,
-or a PEFT adapter's weights). Examples that need a CUDA GPU (``lower ... to triton``) are recorded
+the plan and versions), every file of an ``export`` output (the ONNX file without its doc strings
+and metadata, see ``onnx_sha256``; a PEFT adapter's weights). Examples that need a CUDA GPU (``lower ... to triton``) are recorded
 as skipped on machines without one. With ``--out`` the results are merged into that JSON file.
 """
 
@@ -37,10 +37,29 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def onnx_sha256(path: Path) -> str:
+    """sha256 of an ONNX model without doc strings and metadata: torch.onnx records stack traces
+    (with the installed package's file paths) there, so the raw bytes depend on where surgery is
+    installed, while the graph and the initializers do not."""
+    import onnx
+
+    m = onnx.load(str(path))
+    for n in m.graph.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+    for i in m.graph.initializer:
+        del i.metadata_props[:]
+    for v in m.graph.value_info:
+        del v.metadata_props[:]
+    del m.metadata_props[:]
+    m.graph.doc_string = ""
+    return hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest()
+
+
 def hash_output(path: Path) -> dict[str, str]:
     """Hashes of one output: a save directory's weights, or every file an export wrote."""
     if path.is_file():
-        return {path.name: sha256(path)}
+        return {path.name: onnx_sha256(path) if path.suffix == ".onnx" else sha256(path)}
     if (path / "surgery.json").exists():
         return {"model.safetensors": sha256(path / "model.safetensors")}
     return {str(f.relative_to(path)): sha256(f) for f in sorted(path.rglob("*"))

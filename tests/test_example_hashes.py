@@ -16,6 +16,9 @@ RECORDED = sorted(n for n, e in BASELINE.items() if "outputs" in e)
 def test_every_example_has_a_baseline_entry():
     examples = {p.stem for p in (ROOT / "examples").glob("*.surg")}
     assert examples == set(BASELINE), "re-run benchmarks/example_hashes.py --out ..."
+    for name, entry in BASELINE.items():  # each entry has hashes or says why it has none
+        kinds = set(entry) - {"seconds"}
+        assert len(kinds) == 1 and kinds <= {"outputs", "skipped", "not_recorded"}, name
 
 
 @pytest.mark.slow
