@@ -45,7 +45,7 @@ def attach(model: nn.Module, method: str, params: dict, data) -> dict:
             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS}
     ctx = RunContext(model=model, models={}, data={"train": data}, progress=Progress(), seed=0)
     t0 = time.perf_counter()
-    rep = P(P.Params(**params)).apply(ctx, mods)
+    rep = P(P.Params(**params)).run(ctx, mods).report
     return {"init_seconds": time.perf_counter() - t0, **rep.metrics}
 
 

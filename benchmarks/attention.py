@@ -254,7 +254,7 @@ def tiny_llama(attn: str, small: bool = False):
         P = get_pass("swap", "softplus")
         params = P.Params(reweight=True, p=15) if attn == "lssar" else P.Params()
         targets = {n: m for n, m in model.named_modules() if n.endswith("self_attn")}
-        P(params).apply(RunContext(model=model, models={}, data={}, progress=Progress()), targets)
+        P(params).run(RunContext(model=model, models={}, data={}, progress=Progress()), targets)
     return model
 
 

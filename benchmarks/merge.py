@@ -265,9 +265,9 @@ def run_lora(save: str | None = None):
         p = P(P.Params(models=["ft_strings", "ft_exceptions"], base="base", **kw))
         ctx = RunContext(model=base, models=models, data={}, progress=Progress())
         t0 = time.perf_counter()
-        p.apply(ctx, {})
+        merged = p.run(ctx, {}).model
         times[label] = time.perf_counter() - t0
-        rows[label] = ctx.model
+        rows[label] = merged
     print("\n### LoRA fine-tunes of SmolLM2-135M merged into the base (held-out loss, nats/token)\n")
     print(f"Fine-tuning: LoRA r=8 on q/v/up/down, 24 AdamW steps (lr 2e-3) of 2x128 tokens each "
           f"({ft_time:.0f} s for both); held-out windows: "

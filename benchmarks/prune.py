@@ -58,7 +58,7 @@ def prune(model: nn.Module, method: str, sparsity: str, extra: dict, calib) -> d
     targets = {n: m for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
     ctx = RunContext(model=model, models={}, data={"calib": calib}, progress=Progress())
-    return p.apply(ctx, targets).metrics
+    return p.run(ctx, targets).report.metrics
 
 
 def run(args) -> None:

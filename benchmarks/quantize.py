@@ -120,7 +120,7 @@ def main() -> None:
             p = P(P.Params(**kw))
             ctx = RunContext(model=model, models={}, data={"calib": calib}, progress=Progress())
             t0, c0 = time.perf_counter(), time.process_time()
-            p.apply(ctx, decoder_linears(model))
+            p.run(ctx, decoder_linears(model))
             secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         ppl = float("nan") if args.no_ppl else perplexity(model, evalset.evaluation)
         base_ppl = base_ppl or ppl

@@ -87,7 +87,7 @@ def sparsify(model, n, m, training):
     p = P(P.Params(sparsity=NM(n=n, m=m), **kw))
     targets = {k: v for k, v in model.named_modules()
                if isinstance(v, nn.Linear) and k.startswith("model.layers.")}
-    p.apply(RunContext(model=model, models={}, data={}, progress=Progress()), targets)
+    p.run(RunContext(model=model, models={}, data={}, progress=Progress()), targets)
 
 
 def main() -> None:

@@ -9,10 +9,10 @@ import torch.nn as nn
 from surgery import ast
 from surgery.binder import Plan, bind
 from surgery.check import CheckedProgram, check
-from surgery.models import LoadedModel
+from surgery.models import LoadedModel, load_skeleton
 from surgery.parser import parse
 from surgery.progress import Progress
-from surgery.runner import Result, Runner, subject_for
+from surgery.runner import Result, Runner, load_models, plan_for, subject_for
 from surgery.source import SourceFile
 
 
@@ -41,17 +41,12 @@ class Program:
         subject = subject_for(checked, model, skeleton=not isinstance(model, (nn.Module,
                                                                              LoadedModel)),
                               structural=structural)
-        others = {}
-        from surgery.models import load_skeleton
-
+        models = {checked.subject.name: subject.model} if checked.subject else {}
         for name, decl in checked.models.items():
-            if checked.subject is not None and name == checked.subject.name:
-                continue
-            others[name] = load_skeleton(decl.source, structural=structural).model
+            if name not in models:
+                models[name] = load_skeleton(decl.source, structural=structural).model
         return bind(checked, subject.model, subject_source=subject.source,
-                    skeleton=subject.is_skeleton,
-                    models={**({checked.subject.name: subject.model} if checked.subject else {}),
-                            **others} if others else None)
+                    skeleton=subject.is_skeleton, models=models)
 
     def apply(self, model: str | nn.Module | LoadedModel | None = None, *, seed: int = 0,
               output: str | Path | None = None, progress: Progress | None = None,
@@ -61,7 +56,10 @@ class Program:
         checked = self.check()
         subject = subject_for(checked, model, skeleton=False, trust_pickle=trust_pickle)
         runner = Runner(checked, seed=seed, progress=progress, trust_pickle=trust_pickle)
-        return runner.run(subject, output=str(output) if output is not None else None)
+        loaded = load_models(checked, subject, progress=runner.progress,
+                             trust_pickle=trust_pickle)
+        return runner.run(plan_for(checked, loaded),
+                          loaded, output=str(output) if output is not None else None)
 
     def to_text(self) -> str:
         from surgery.printer import to_text

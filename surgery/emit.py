@@ -16,19 +16,27 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from surgery import registry
 from surgery.atomic import atomic_dir
-from surgery.diagnostics import error
+from surgery.diagnostics import Diagnostic, SurgeryError, error
 from surgery.passapi import replace_module
 from surgery.tying import tied_names
 
+if TYPE_CHECKING:  # pragma: no cover
+    from surgery.binder import Plan
+    from surgery.check import CheckedProgram
+    from surgery.data import Dataset
+    from surgery.models import LoadedModel
+
 MANIFEST = "surgery.json"
+PROVENANCE = "provenance"  # the ctx.extras key under which the runner passes the Provenance
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
@@ -45,6 +53,55 @@ def versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return out
+
+
+@dataclass
+class Provenance:
+    """What a saved model records about how it was made; the runner fills it as it goes."""
+
+    plan: "Plan"
+    seed: int
+    inputs: dict[str, Any]  # model name -> {"source", "files": {name: sha256}}
+    data: dict[str, "Dataset"] = field(default_factory=dict)
+    steps: list[Any] = field(default_factory=list)  # runner.StepRecord, in order
+    expectations: list[Any] = field(default_factory=list)  # expectations.ExpectationRecord
+    tokenizer: Any = None
+
+
+def manifest(prov: Provenance) -> dict[str, Any]:
+    """The `surgery.json` fields that describe the run (save adds versions, module types ...).
+    Step times are left out, so the same run writes the same bytes."""
+    program = prov.plan.program
+    return {"script": program.source.text, "script_name": program.source.name,
+            "seed": prov.seed, "inputs": prov.inputs,
+            "data": {n: {"description": d.description, **d.meta} for n, d in prov.data.items()},
+            "plan": prov.plan.to_json(),
+            "steps": [s.to_json() | {"seconds": None} for s in prov.steps],
+            "expectations": [e.to_json() for e in prov.expectations]}
+
+
+def input_hashes(loaded: dict[str, "LoadedModel"]) -> dict[str, Any]:
+    from surgery.models import sha256_file
+
+    return {name: {"source": lm.source,
+                   "files": {Path(f).name: sha256_file(Path(f)) for f in lm.files}}
+            for name, lm in loaded.items()}
+
+
+def check_output_path(program: "CheckedProgram", path: str | None) -> None:
+    """Refuse, before any work, to replace something that is not a surgery artifact."""
+    if path is None:
+        return
+    p = Path(path)
+    problem = None
+    if p.exists() and not p.is_dir():
+        problem = f"`{path}` exists and is a file"
+    elif p.is_dir() and any(p.iterdir()) and not (p / "surgery.json").exists():
+        problem = f"`{path}` is a non-empty directory that surgery did not write"
+    if problem:
+        raise SurgeryError(Diagnostic("E0802", f"refusing to replace {problem}",
+                                      program.save_span, source=program.source,
+                                      help="choose a new output path or remove it first"))
 
 
 def split_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -2,7 +2,8 @@
 
 A pass is a small typed unit: a verb (``quantize``, ``prune`` ...), a method name (``rtn``,
 ``wanda`` ...), a pydantic ``Params`` model, the module states it accepts and produces, and an
-``apply`` that edits the model in place and returns a :class:`StepReport`. Passes never print and
+``apply`` that returns a :class:`PassResult` (the model after the step and a :class:`StepReport`).
+``Pass.run`` owns the lifecycle: preconditions, ``apply``, postconditions. Passes never print and
 never touch the CLI; they report progress through ``ctx.progress``.
 
 Registering::
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import (TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Iterable, final,
+                    get_args, get_origin)
 
 from pydantic import BaseModel, ConfigDict
 
@@ -81,13 +83,16 @@ class CallValue(BaseModel):
     kwargs: dict[str, Any] = {}
 
 
-class DataRef(str):
-    """A parameter that names a `data` declaration (e.g. ``data=calib``). The checker verifies the
-    name and the runner substitutes the loaded :class:`surgery.data.Dataset`."""
+# A parameter that names a `data` declaration is annotated `DataRef` (or `DataRef | None`): the
+# checker verifies the name and `RunContext.dataset` looks it up. Detection is by annotation only.
+DATA_REF = "surgery:data-ref"
+DataRef = Annotated[str, DATA_REF]
 
 
-class ModelRef(str):
-    """A parameter that names a `model` declaration."""
+def _names_data(annotation: Any) -> bool:
+    if get_origin(annotation) is Annotated:
+        return DATA_REF in annotation.__metadata__
+    return any(_names_data(a) for a in get_args(annotation))
 
 
 @dataclass
@@ -110,21 +115,28 @@ class StepReport:
         }
 
 
-class ShapeProblem(str):
+class Problem(str):
+    """A `check_module` reason with a help line for the `PassError` that `Pass.run` raises."""
+
+    hint: str | None = None
+
+    def __new__(cls, text: str, hint: str | None = None):
+        obj = super().__new__(cls, text)
+        obj.hint = hint
+        return obj
+
+
+class ShapeProblem(Problem):
     """A `check_module` reason about sizes (a group or block that does not divide a dimension).
     Reported as E0402; a plain string reason is E0401 (the module cannot take this pass)."""
 
 
-class MachineProblem(str):
+class MachineProblem(Problem):
     """A `check_module` reason about this machine (no GPU, a missing package), not the modules:
     reported once per statement as E0803, with ``hint`` as the help line."""
 
-    hint: str
-
     def __new__(cls, text: str, hint: str = "run this step on a machine with a CUDA GPU"):
-        obj = super().__new__(cls, text)
-        obj.hint = hint
-        return obj
+        return super().__new__(cls, text, hint)
 
 
 class PassError(Exception):
@@ -134,20 +146,61 @@ class PassError(Exception):
     compiler attaches the statement's location.
     """
 
-    def __init__(self, message: str, *, module: str | None = None, hint: str | None = None,
-                 param: str | None = None):
+    def __init__(self, message: str, *, module: str | None = None, hint: str | None = None):
         super().__init__(message)
         self.message = message
         self.module = module
         self.hint = hint
-        self.param = param
+
+
+class Granularity(str, enum.Enum):
+    """How a pass touches the model, for an executor that cannot hold it all in memory."""
+
+    TENSOR = "tensor"  # each target's tensors on their own (RTN, magnitude, merges, saving)
+    BLOCK = "block"  # block by block with calibration activations (GPTQ, Wanda, EVA ...)
+    MODEL = "model"  # the whole model at once (ONNX export, lowering, PLeaS)
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the model after the step (often the same object) and its report."""
+
+    model: "nn.Module"
+    report: StepReport
+
+
+# -- which states a module carries, detected on the module itself ---------------------------------
+# One table, filled by the family that produces each state (quantize registers QuantLinear ...).
+# MERGED has no structural trace, so it has no detector and is tracked by the plan only.
+_DETECTORS: dict[State, Callable[["nn.Module"], bool]] = {}
+
+
+def register_state(state: State, detect: Callable[["nn.Module"], bool]) -> None:
+    """Declare how to recognise a module that carries ``state`` (called by its producer)."""
+    _DETECTORS[state] = detect
+
+
+def carried_states(module: "nn.Module") -> set[State]:
+    """The states ``module`` carries, detected at run time from its type and marker children."""
+    from surgery import registry
+
+    registry.ensure_loaded()  # the producers register their detectors when imported
+    return {st for st, detect in _DETECTORS.items() if detect(module)}
+
+
+def detectable(state: State) -> bool:
+    from surgery import registry
+
+    registry.ensure_loaded()
+    return state in _DETECTORS
 
 
 @dataclass
 class RunContext:
-    """Everything a pass may use while it runs."""
+    """Everything a pass may use while it runs. The runner builds one per step; a pass returns
+    its model in :class:`PassResult` instead of assigning ``ctx.model``."""
 
-    model: "nn.Module"  # the subject model, edited in place
+    model: "nn.Module"  # the subject model as the previous step left it
     models: dict[str, "nn.Module"]  # every declared model by name (merges read these)
     data: dict[str, "Dataset"]  # loaded data declarations by name
     progress: "Progress"
@@ -163,12 +216,20 @@ class RunContext:
 
 
 class Pass:
-    """Base class of every pass. Subclasses set the class attributes and implement ``apply``."""
+    """Base class of every pass. Subclasses set the class attributes and implement ``apply``.
+
+    The lifecycle is owned here (torch.fx ``PassBase`` style): :meth:`run` checks every target
+    with ``check_module`` (the same check the plan ran), calls ``apply``, then checks the
+    postconditions: the pass's own :meth:`ensures` and the generic one, that every target now
+    carries each produced state and none of the consumed ones.
+    """
 
     verb: ClassVar[str]
     method: ClassVar[str]
     summary: ClassVar[str] = ""
     Params: ClassVar[type[PassParams]] = PassParams
+    # How the pass touches the model (every registered pass declares it).
+    granularity: ClassVar[Granularity]
     # Module states this pass may be applied on top of (a dense module has no state).
     accepts: ClassVar[frozenset[State]] = frozenset()
     # States a module must already have (e.g. `merge adapters` requires ADAPTED).
@@ -182,6 +243,7 @@ class Pass:
     # table (surgery/verbs.py) says the verb fills.
     statement_fields: ClassVar[frozenset[str]] = frozenset()
     is_default: ClassVar[bool] = False  # used when the statement names no method
+    is_output: ClassVar[bool] = False  # writes a file (export, save): runs after expectations
     # Plan-time checks run the model's own code (tracing its forward), so planning must build
     # the real architecture rather than a structural skeleton (surgery/skeleton.py).
     plan_needs_code: ClassVar[bool] = False
@@ -191,24 +253,81 @@ class Pass:
 
     @classmethod
     def data_fields(cls) -> list[str]:
-        """Names of parameters that reference `data` declarations."""
-        out = []
-        for name, f in cls.Params.model_fields.items():
-            if f.annotation in (DataRef, DataRef | None) or name == "data":
-                out.append(name)
-        return out
+        """Names of parameters annotated `DataRef` (they name `data` declarations)."""
+        return [name for name, f in cls.Params.model_fields.items()
+                if DATA_REF in f.metadata or _names_data(f.annotation)]
+
+    # -- the lifecycle ------------------------------------------------------------------------
+    @final
+    def run(self, ctx: RunContext, targets: dict[str, "nn.Module"]) -> PassResult:
+        """requires -> apply -> ensures. ``targets`` are the plan's modules in ``ctx.model``."""
+        for path, module in targets.items():
+            reason = self.check_module(path, module)
+            if reason:
+                raise PassError(str(reason), module=path, hint=getattr(reason, "hint", None))
+        result = self.apply(ctx, targets)
+        if not isinstance(result, PassResult):
+            raise TypeError(f"{type(self).__name__}.apply must return a PassResult, "
+                            f"not {type(result).__name__}")
+        self._ensure_states(result.model, targets, result)
+        self.ensures(result.model, targets, result)
+        return result
+
+    def check_module(self, path: str, module: "nn.Module") -> str | None:
+        """Precondition on one target (works on meta tensors): the reason it cannot be applied,
+        or None. Shape and divisibility checks belong here. Plan and run both call it."""
+        return None
+
+    def apply(self, ctx: RunContext, targets: dict[str, "nn.Module"]) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, model: "nn.Module", targets: dict[str, "nn.Module"],
+                result: PassResult) -> None:
+        """The pass's own postcondition on ``model`` after ``apply``; raise PassError if broken."""
+
+    def produced_on(self, targets: dict[str, "nn.Module"], result: PassResult) -> list[str]:
+        """Paths that must carry the produced states after ``apply`` (default: every target)."""
+        return list(targets)
+
+    def _ensure_states(self, model: "nn.Module", targets: dict[str, "nn.Module"],
+                       result: PassResult) -> None:
+        for path in self.produced_on(targets, result):
+            have = carried_states(model.get_submodule(path))
+            for st in self.produces:
+                if detectable(st) and st not in have:
+                    raise PassError(f"internal: `{self.verb} using {self.method}` left "
+                                    f"`{path}` without the {st.value} state it promises",
+                                    module=path)
+            for st in self.consumes & have:
+                raise PassError(f"internal: `{self.verb} using {self.method}` left "
+                                f"`{path}` {st.value}", module=path)
+
+    # -- the plan ---------------------------------------------------------------------------
+    def rewrite_skeleton(self, model: "nn.Module", targets: dict[str, "nn.Module"],
+                         models: dict[str, "nn.Module"]) -> "nn.Module":
+        """Apply this step's structural effect to the plan's meta-device copy of the model
+        (``models`` holds every declared model's skeleton) and return it. Default: no change.
+        Later selectors resolve against the result, exactly as they will at run time."""
+        return model
 
     def estimate_memory(self, modules: dict[str, "nn.Module"]) -> int:
         """Extra bytes this pass needs at peak (rough, for `plan`)."""
         return 0
+
+    def affected_parameters(self, modules: dict[str, "nn.Module"]) -> int:
+        return sum(p.numel() for m in modules.values() for p in m.parameters(recurse=True))
+
+    def result(self, ctx: RunContext, report: StepReport) -> PassResult:
+        """The usual result of an in-place pass: ``ctx.model`` (edited) and the report."""
+        return PassResult(ctx.model, report)
 
 
 class ModulePass(Pass):
     """A pass that edits selected modules (quantize, prune, adapt, swap, lower).
 
     ``leaf_types`` are the module classes the pass works on; a selected module of another type is
-    expanded to its descendants of these types (so ``quantize modules("model.layers.0")`` means
-    every Linear inside layer 0).
+    expanded to its outermost descendants of these types (so ``quantize modules("model.layers.0")``
+    means every Linear inside layer 0).
     """
 
     leaf_types: ClassVar[tuple[type, ...]] = ()
@@ -216,27 +335,24 @@ class ModulePass(Pass):
     def is_leaf(self, module: "nn.Module") -> bool:
         return isinstance(module, self.leaf_types) if self.leaf_types else True
 
-    def check_module(self, path: str, module: "nn.Module") -> str | None:
-        """Bind-time check on one target (works on meta tensors). Return the reason it cannot be
-        applied, or None. Shape and divisibility checks belong here."""
-        return None
-
-    def affected_parameters(self, modules: dict[str, "nn.Module"]) -> int:
-        return sum(p.numel() for m in modules.values() for p in m.parameters(recurse=True))
-
-    def apply(self, ctx: RunContext, modules: dict[str, "nn.Module"]) -> StepReport:
-        raise NotImplementedError
-
 
 class ModelPass(Pass):
-    """A pass over whole models (merge) or the whole program output (export)."""
+    """A pass over whole models (merge) or the whole program output (export, save). Its targets
+    are every leaf module of the subject, so it takes part in the state checks like a module
+    pass: `merge` after `quantize` is refused at plan time."""
 
     def check_models(self, models: dict[str, "nn.Module"]) -> list[str]:
         """Bind-time checks on the declared models (skeletons). Return problems as strings."""
         return []
 
-    def apply(self, ctx: RunContext, modules: dict[str, "nn.Module"]) -> StepReport:
-        raise NotImplementedError
+    def affected_parameters(self, modules: dict[str, "nn.Module"]) -> int:
+        unique = {id(p): p for m in modules.values() for p in m.parameters(recurse=False)}
+        return sum(p.numel() for p in unique.values())  # tied weights count once
+
+
+def leaves(root: "nn.Module") -> dict[str, "nn.Module"]:
+    """Every module of ``root`` without children: what a model pass targets."""
+    return {p: m for p, m in root.named_modules() if p and not m._modules}
 
 
 def replace_module(root: "nn.Module", path: str, new: "nn.Module") -> None:

@@ -28,6 +28,9 @@ BUILTIN_PASS_MODULES = [
 def register(cls: type["Pass"]) -> type["Pass"]:
     """Class decorator: add a pass to the registry under (verb, method)."""
     key = (cls.verb, cls.method)
+    if not isinstance(getattr(cls, "granularity", None), str):
+        raise ValueError(f"pass {cls.verb}/{cls.method} does not declare its granularity "
+                         "(granularity = Granularity.TENSOR, BLOCK or MODEL)")
     if key in _PASSES and _PASSES[key] is not cls:
         raise ValueError(f"pass {cls.verb}/{cls.method} registered twice "
                          f"({_PASSES[key].__module__} and {cls.__module__})")
@@ -46,7 +49,8 @@ def register_module_type(cls: type) -> type:
     return cls
 
 
-def _ensure_loaded() -> None:
+def ensure_loaded() -> None:
+    """Import the built-in and entry-point passes (once); they register themselves."""
     global _loaded
     if _loaded:
         return
@@ -60,12 +64,12 @@ def _ensure_loaded() -> None:
 
 
 def get_pass(verb: str, method: str) -> type["Pass"] | None:
-    _ensure_loaded()
+    ensure_loaded()
     return _PASSES.get((verb, method))
 
 
 def default_pass(verb: str) -> type["Pass"] | None:
-    _ensure_loaded()
+    ensure_loaded()
     for (v, _), cls in _PASSES.items():
         if v == verb and cls.is_default:
             return cls
@@ -73,19 +77,19 @@ def default_pass(verb: str) -> type["Pass"] | None:
 
 
 def methods_for(verb: str) -> list[str]:
-    _ensure_loaded()
+    ensure_loaded()
     return sorted(m for (v, m) in _PASSES if v == verb)
 
 
 def all_passes() -> list[type["Pass"]]:
-    _ensure_loaded()
+    ensure_loaded()
     return [
         _PASSES[k] for k in sorted(_PASSES)
     ]
 
 
 def module_type(name: str) -> type | None:
-    _ensure_loaded()
+    ensure_loaded()
     return _MODULE_TYPES.get(name)
 
 

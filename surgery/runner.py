@@ -1,28 +1,30 @@
-"""Running a plan: load data, apply each pass, check expectations, write outputs."""
+"""Running a plan: load data, run each step's pass, check expectations, run the output passes.
+
+The runner executes the :class:`Plan` it is given, on the real model the plan was re-bound to
+(``plan.rebind(model)``). Each step's pass returns the model it leaves (``PassResult``); the runner
+installs it for the next step. Outputs (`export`, `save`) run only once every expectation held.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from surgery import evaluate
-from surgery.binder import Plan, bind
-from surgery.check import CheckedProgram, Expectation
-from surgery.expectations import evaluate_bound
+from surgery import expectations
+from surgery.binder import Plan, PlanRow, bind
+from surgery.check import CheckedProgram
 from surgery.data import Dataset, corpus, text_file
 from surgery.diagnostics import Diagnostic, SurgeryError
-from surgery.models import LoadedModel, load_model, load_skeleton, sha256_file
-from surgery.passapi import ModelPass, PassError, RunContext, StepReport
+from surgery.emit import PROVENANCE, Provenance, check_output_path, input_hashes
+from surgery.expectations import ExpectationRecord
+from surgery.models import LoadedModel, load_model, load_skeleton
+from surgery.passapi import PassError, RunContext, StepReport, leaves
 from surgery.progress import Progress
-
-AGREEMENT_WINDOWS = 4  # evaluation windows used by max_abs_diff / cosine
-
 
 @dataclass
 class StepRecord:
@@ -37,20 +39,6 @@ class StepRecord:
         return {"line": self.line, "statement": self.statement, "verb": self.verb,
                 "method": self.method, "seconds": round(self.seconds, 3),
                 "report": self.report.to_json()}
-
-
-@dataclass
-class ExpectationRecord:
-    line: int
-    statement: str
-    value: float
-    bound: float
-    original: float | None
-    passed: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {"line": self.line, "statement": self.statement, "value": self.value,
-                "bound": self.bound, "original": self.original, "passed": self.passed}
 
 
 @dataclass
@@ -75,47 +63,47 @@ class Result:
 def load_data(program: CheckedProgram, tokenizer) -> dict[str, Dataset]:
     out = {}
     for name, d in program.data.items():
+        load = corpus if d.kind == "corpus" else text_file
         try:
-            if d.kind == "corpus":
-                out[name] = corpus(tokenizer, d.source, samples=d.samples, seqlen=d.seqlen,
-                                   seed=d.seed, name=name, eval_windows=d.eval_windows)
-            else:
-                out[name] = text_file(tokenizer, d.source, samples=d.samples, seqlen=d.seqlen,
-                                      seed=d.seed, name=name, eval_windows=d.eval_windows)
+            out[name] = load(tokenizer, d.source, samples=d.samples, seqlen=d.seqlen,
+                             seed=d.seed, name=name, eval_windows=d.eval_windows)
         except SurgeryError as e:
-            for diag in e.diagnostics:
-                diag.span = diag.span or d.span
-                diag.source = program.source
-            raise SurgeryError(e.diagnostics)
+            raise _located(e, program, d.span)
     return out
 
 
-def _metric_before(exp: Expectation, model: nn.Module, data: dict[str, Dataset]):
-    ds = data[exp.data]
-    if exp.metric == "perplexity":
-        return evaluate.perplexity(model, ds.evaluation)
-    return evaluate.outputs(model, ds.evaluation[:AGREEMENT_WINDOWS])
+def _located(e: SurgeryError, program: CheckedProgram, span) -> SurgeryError:
+    for diag in e.diagnostics:
+        diag.span, diag.source = diag.span or span, program.source
+    return SurgeryError(e.diagnostics)
 
 
-def _metric_after(exp: Expectation, model: nn.Module, data, before) -> tuple[float, float | None]:
-    ds = data[exp.data]
-    if exp.metric == "perplexity":
-        return evaluate.perplexity(model, ds.evaluation), before
-    after = evaluate.outputs(model, ds.evaluation[:AGREEMENT_WINDOWS])
-    fn = evaluate.max_abs_diff if exp.metric == "max_abs_diff" else evaluate.cosine
-    return fn(after, before), None
-
-
-_COMPARE = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
-            ">": lambda a, b: a > b, "==": lambda a, b: a == b}
-
-
-def input_hashes(loaded: dict[str, LoadedModel]) -> dict[str, Any]:
-    out = {}
-    for name, lm in loaded.items():
-        out[name] = {"source": lm.source,
-                     "files": {Path(f).name: sha256_file(Path(f)) for f in lm.files}}
+def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Progress,
+                trust_pickle: bool = False) -> dict[str, LoadedModel]:
+    """Every model the program uses, by name: the subject, and the models merges read."""
+    needed: set[str] = set()
+    for step in program.steps:
+        needed |= set(getattr(step.params, "models", None) or [])
+        if getattr(step.params, "base", None):
+            needed.add(step.params.base)
+    name = program.subject.name if program.subject else "model"
+    out = {name: subject}
+    for other in sorted(needed - {name}):
+        decl = program.models[other]
+        with progress.task(f"loading model {other}"):
+            try:
+                out[other] = load_model(decl.source, trust_pickle=trust_pickle)
+            except SurgeryError as e:
+                raise _located(e, program, decl.span)
     return out
+
+
+def plan_for(program: CheckedProgram, loaded: dict[str, LoadedModel]) -> Plan:
+    """Bind the program to the loaded models (on meta copies) and re-bind it to the real ones."""
+    subject = next(iter(loaded.values()))
+    plan = bind(program, subject.model, subject_source=subject.source,
+                models={n: lm.model for n, lm in loaded.items()})
+    return plan.rebind(subject.model)
 
 
 class Runner:
@@ -126,133 +114,92 @@ class Runner:
         self.progress = progress or Progress()
         self.trust_pickle = trust_pickle
 
-    def run(self, subject: LoadedModel, *, output: str | None = None) -> Result:
+    def run(self, plan: Plan, loaded: dict[str, LoadedModel], *,
+            output: str | None = None) -> Result:
+        """Execute ``plan`` (re-bound to the first of ``loaded``, the subject). ``output``
+        replaces the script's `save` path, or adds a save when the script has none."""
         program = self.program
+        if plan.model is None:
+            raise ValueError("the plan is not bound to a real model: call plan.rebind(model)")
         check_output_path(program, output or program.save_path)
         torch.manual_seed(self.seed)
-        others = self._other_models(subject)
-        subject_name = program.subject.name if program.subject else "model"
-        plan = bind(program, subject.model, subject_source=subject.source,
-                    models={subject_name: subject.model, **{n: lm.model for n, lm in others.items()}}
-                    if others else None)
-        tokenizer = subject.tokenizer or next((lm.tokenizer for lm in others.values()
-                                               if lm.tokenizer is not None), None)
+        subject_name = next(iter(loaded))
+        tokenizer = next((lm.tokenizer for lm in loaded.values() if lm.tokenizer is not None),
+                         None)
         with self.progress.task("loading data", total=None):
             data = load_data(program, tokenizer) if program.data else {}
         report = RunReport(plan)
+        prov = Provenance(plan, self.seed, input_hashes(loaded), data, report.steps,
+                          report.expectations, tokenizer)
+        models = {n: lm.model for n, lm in loaded.items()}
+        models[subject_name] = plan.model
         before = {}
         for exp in program.expectations:
             with self.progress.task(f"measuring {exp.metric} before (line {exp.line})"):
-                before[exp.line] = _metric_before(exp, subject.model, data)
-        ctx = RunContext(model=subject.model,
-                         models={subject_name: subject.model, **{n: lm.model for n, lm in others.items()}},
-                         data=data, progress=self.progress, seed=self.seed,
-                         model_sources={subject_name: subject.source,
-                                        **{n: lm.source for n, lm in others.items()}})
-        outputs = [row for row in plan.rows if row.step.is_output]
-        for row in plan.rows:
-            if row.step.is_output:
-                continue
-            report.steps.append(self._apply(row, ctx))
-        model = ctx.model
-        self._check_expectations(report, model, data, before)
-        for row in outputs:
-            if row.step.verb == "save":  # written below, with the manifest
-                continue
-            report.steps.append(self._apply(row, ctx))
-            report.outputs.append(row.step.params.path)
-        save_path = output or program.save_path
-        if save_path is not None:
-            from surgery.emit import save
+                before[exp.line] = expectations.measure_before(exp, plan.model, data)
+        ctx = RunContext(model=plan.model, models=models, data=data, progress=self.progress,
+                         seed=self.seed, model_sources={n: lm.source for n, lm in loaded.items()},
+                         extras={PROVENANCE: prov})
+        rows = _with_output(plan.steps, output)
+        for row in (r for r in rows if not r.step.pass_cls.is_output):
+            ctx = self._step(row, ctx, report, subject_name)
+        report.expectations += expectations.check(program, ctx.model, data, before,
+                                                  self.progress)
+        for row in (r for r in rows if r.step.pass_cls.is_output):
+            ctx = self._step(row, ctx, report, subject_name)
+            report.outputs.append(str(row.step.params.path))
+        return Result(ctx.model, report)
 
-            manifest = {"script": program.source.text, "script_name": program.source.name,
-                        "seed": self.seed, "inputs": input_hashes({subject_name: subject, **others}),
-                        "data": {n: {"description": d.description, **d.meta} for n, d in data.items()},
-                        "plan": plan.to_json(),
-                        "steps": [s.to_json() | {"seconds": None} for s in report.steps],
-                        "expectations": [e.to_json() for e in report.expectations]}
-            with self.progress.task(f"saving {save_path}"):
-                save(model, save_path, manifest, tokenizer=tokenizer)
-            report.outputs.append(str(save_path))
-        return Result(model, report)
-
-    def _other_models(self, subject: LoadedModel) -> dict[str, LoadedModel]:
-        program = self.program
-        needed = set()
-        for step in program.steps:
-            if isinstance(getattr(step.params, "models", None), list):
-                needed |= set(step.params.models)
-            if getattr(step.params, "base", None):
-                needed.add(step.params.base)
-        subject_name = program.subject.name if program.subject else None
-        out = {}
-        for name in sorted(needed - {subject_name}):
-            decl = program.models[name]
-            with self.progress.task(f"loading model {name}"):
-                out[name] = self._load(decl)
-        return out
-
-    def _load(self, decl) -> LoadedModel:
-        try:
-            return load_model(decl.source, trust_pickle=self.trust_pickle)
-        except SurgeryError as e:
-            for diag in e.diagnostics:
-                diag.span = diag.span or decl.span
-                diag.source = self.program.source
-            raise SurgeryError(e.diagnostics)
-
-    def _apply(self, row, ctx: RunContext) -> StepRecord:
+    def _step(self, row: PlanRow, ctx: RunContext, report: RunReport,
+              subject_name: str) -> RunContext:
         step = row.step
         pass_obj = step.pass_cls(step.params)
-        ctx.line = step.line
-        modules = {p: ctx.model.get_submodule(p) for p in row.modules}
+        ctx = dataclasses.replace(ctx, line=step.line)
+        if step.selector is None:  # a model pass acts on every leaf of the model as it is now
+            targets = leaves(ctx.model)
+        else:
+            targets = {p: ctx.model.get_submodule(p) for p in row.modules}
         t0 = time.perf_counter()
         try:
-            rep = pass_obj.apply(ctx, modules) if modules or isinstance(pass_obj, ModelPass) \
-                else pass_obj.apply(ctx, {})
+            result = pass_obj.run(ctx, targets)
         except PassError as e:
             where = f" (module `{e.module}`)" if e.module else ""
             raise SurgeryError(Diagnostic("E0801", f"{step.verb} using {step.method} failed"
                                           f"{where}: {e.message}", step.stmt.span, help=e.hint,
                                           source=self.program.source))
-        return StepRecord(step.line, row.text, step.verb, step.method,
-                          time.perf_counter() - t0, rep or StepReport())
-
-    def _check_expectations(self, report: RunReport, model, data, before) -> None:
-        failed = []
-        for exp in self.program.expectations:
-            with self.progress.task(f"checking expectation at line {exp.line}"):
-                value, original = _metric_after(exp, model, data, before[exp.line])
-            bound = evaluate_bound(exp.bound, original)
-            ok = _COMPARE[exp.op](value, bound)
-            span = exp.stmt.span
-            text = " ".join(self.program.source.text[span.start:span.end].split())
-            report.expectations.append(ExpectationRecord(exp.line, text, value, bound, original, ok))
-            if not ok:
-                orig = f" (original {original:.4g})" if original is not None else ""
-                failed.append(Diagnostic(
-                    "E0800", f"expectation failed: {exp.metric}({exp.data}) = {value:.6g}, "
-                             f"bound {exp.op} {bound:.6g}{orig}", span,
-                    help="no artifact was written; relax the bound or change the recipe",
-                    source=self.program.source))
-        if failed:
-            raise SurgeryError(failed)
+        report.steps.append(StepRecord(step.line, row.text, step.verb, step.method,
+                                       time.perf_counter() - t0, result.report))
+        ctx.models[subject_name] = result.model
+        return dataclasses.replace(ctx, model=result.model)
 
 
-def check_output_path(program: CheckedProgram, path: str | None) -> None:
-    """Refuse, before any work, to replace something that is not a surgery artifact."""
-    if path is None:
-        return
-    p = Path(path)
-    problem = None
-    if p.exists() and not p.is_dir():
-        problem = f"`{path}` exists and is a file"
-    elif p.is_dir() and any(p.iterdir()) and not (p / "surgery.json").exists():
-        problem = f"`{path}` is a non-empty directory that surgery did not write"
-    if problem:
-        raise SurgeryError(Diagnostic("E0802", f"refusing to replace {problem}",
-                                      program.save_span, source=program.source,
-                                      help="choose a new output path or remove it first"))
+def _with_output(rows: list[PlanRow], output: str | None) -> list[PlanRow]:
+    """The plan's steps, with the `save` path replaced by ``output`` (or a save added)."""
+    if output is None:
+        return rows
+    from surgery import registry
+
+    saves = [r for r in rows if r.step.verb == "save"]
+    cls = registry.default_pass("save")
+    if saves:
+        old = saves[0]
+        step = dataclasses.replace(old.step, params=old.step.params.model_copy(
+            update={"path": str(output)}))
+        return [dataclasses.replace(r, step=step) if r is old else r for r in rows]
+    last = rows[-1].step.stmt if rows else None
+    step = _implicit_save(cls, output, last)
+    return rows + [PlanRow(step.line, f'save "{output}"', step=step)]
+
+
+def _implicit_save(cls, output: str, stmt):
+    """A `save` step for an output path given to `apply` when the script has no `save`."""
+    from surgery import ast
+    from surgery.check import Step
+    from surgery.ast import NO_SPAN
+
+    span = stmt.span if stmt is not None else NO_SPAN
+    node = ast.VerbStmt(verb="save", span=span, verb_span=span)
+    return Step(node, "save", cls.method, cls, cls.Params(path=str(output)), None, span)
 
 
 def subject_for(program: CheckedProgram, model, *, skeleton: bool, structural: bool = False,
@@ -277,11 +224,4 @@ def subject_for(program: CheckedProgram, model, *, skeleton: bool, structural: b
             return load_skeleton(source, structural=structural)
         return load_model(source, trust_pickle=trust_pickle)
     except SurgeryError as e:
-        for diag in e.diagnostics:
-            diag.span = diag.span or span
-            diag.source = program.source
-        raise SurgeryError(e.diagnostics)
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+        raise _located(e, program, span)

@@ -21,9 +21,14 @@ save "{out}"
 '''
     prog = surgery.compile(text)
     plan = prog.plan()
-    transforms = [r for r in plan.rows if not r.step.is_output]
-    assert [len(r.modules) for r in transforms] == [6, 8, 2, 4]
-    assert [r.step.verb for r in plan.rows if r.step.is_output] == ["save"]
+    assert [len(r.modules) for r in plan.steps[:4]] == [6, 8, 2, 4]
+    # every statement has a row: `expect` (no modules) and `save` (every leaf it writes)
+    from surgery.passapi import leaves
+
+    assert [r.line for r in plan.rows] == [4, 5, 6, 7, 8, 9]
+    assert plan.rows[4].expectation is not None and plan.rows[4].modules == []
+    assert plan.rows[5].step.verb == "save"
+    assert plan.rows[5].modules == list(leaves(plan.result))
     states = plan.to_json()["states"]
     assert states["model.layers.0.self_attn.q_proj"] == ["adapted", "quantized"]
     assert states["model.layers.0.mlp.up_proj"] == ["masked"]

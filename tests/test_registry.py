@@ -8,7 +8,7 @@ import pytest
 from surgery import registry
 from surgery.api import Program
 from surgery.diagnostics import SurgeryError
-from surgery.passapi import ModulePass, PassParams, StepReport
+from surgery.passapi import Granularity, ModulePass, PassParams, PassResult, StepReport
 
 
 def test_builtin_passes_are_registered():
@@ -21,6 +21,7 @@ def test_entry_point_pass_is_discovered(monkeypatch):
     class Halve(ModulePass):
         verb, method, summary = "prune", "third_party_halve", "a plugin pass"
         statement_fields = frozenset({"sparsity"})  # `to 50%` fills it
+        granularity = Granularity.TENSOR
 
         class Params(PassParams):
             sparsity: object = None
@@ -29,7 +30,7 @@ def test_entry_point_pass_is_discovered(monkeypatch):
         def apply(self, ctx, modules):
             for m in modules.values():
                 m.weight.data.mul_(self.params.factor)
-            return StepReport(modules=len(modules))
+            return PassResult(ctx.model, StepReport(modules=len(modules)))
 
     module = types.ModuleType("plugin_mod")
     module.Halve = Halve

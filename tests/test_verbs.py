@@ -77,7 +77,7 @@ def test_words_get_did_you_mean_and_no_pydantic_wording():
 
 
 def test_adding_a_method_as_documented(clean_registry):
-    (block,) = _blocks("Adding a method: one file")
+    (block,) = _blocks("Worked example: a method in one file")
     exec(compile(block, "passes/prune/halve.py", "exec"), {"__name__": "halve_doc"})
     net = nn.Sequential(nn.Linear(4, 4))
     w = net[0].weight.detach().clone()
@@ -86,7 +86,7 @@ def test_adding_a_method_as_documented(clean_registry):
 
 
 def test_adding_a_verb_as_documented(clean_registry, monkeypatch):
-    row, pass_file = _blocks("Adding a verb: one table row plus its pass file")
+    row, pass_file = _blocks("Worked example: a verb is one table row plus its pass file")
     ns = {"VerbSpec": VerbSpec, "Part": Part, "Slot": Slot}
     (spec,) = eval("(" + row + ")", ns)
     monkeypatch.setattr(verbs, "VERBS", verbs.VERBS + (spec,))

@@ -7,8 +7,8 @@ from typing import Literal
 import torch.nn as nn
 from pydantic import Field
 
-from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, ShapeProblem, State,
-                             StepReport, replace_module)
+from surgery.passapi import (Granularity, ModulePass, PassParams, PassResult, RunContext,
+                             ShapeProblem, State, StepReport, replace_module)
 from surgery.passes.adapters.common import (ADAPT_ACCEPTS, ADAPT_REFUSALS, float_weight,
                                             freeze_all_but_adapters, is_linear_like,
                                             unsupported_reason)
@@ -39,6 +39,7 @@ class Bone(ModulePass):
     accepts = ADAPT_ACCEPTS
     produces = frozenset({State.ADAPTED})
     refusals = ADAPT_REFUSALS
+    granularity = Granularity.TENSOR
 
     def __init__(self, params: BoneParams):
         super().__init__(params)
@@ -67,14 +68,17 @@ class Bone(ModulePass):
             return BAT_ON_QUANTIZED
         return None
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def rewrite_skeleton(self, model, targets, models):
+        p = self.params
+        for path, base in targets.items():
+            replace_module(model, path, BoneLinear(base, p.block, p.variant, p.dropout))
+        return model
+
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         p = self.params
         report = StepReport(modules=len(modules))
         with ctx.progress.task("Bone", total=len(modules)) as task:
             for path, base in modules.items():
-                reason = self.check_module(path, base)
-                if reason:
-                    raise PassError(reason, module=path)
                 layer = BoneLinear(base, p.block, p.variant, p.dropout)
                 replace_module(ctx.model, path, layer)
                 n = layer.bone_block.numel()
@@ -87,4 +91,4 @@ class Bone(ModulePass):
                                "trainable_percent": round(100.0 * trainable / max(total, 1), 4)})
         report.notes.append(f"{trainable:,} trainable parameters ({100.0 * trainable / max(total, 1):.3f} %"
                             f" of {total:,}); everything else is frozen")
-        return report
+        return self.result(ctx, report)

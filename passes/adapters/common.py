@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from surgery.passapi import State
+from surgery.passapi import State, register_state
 from surgery.passes.adapters.layers import (AdapterLayer, adapter_dtype,  # noqa: F401 - re-exported
                                            float_weight)
 from surgery.seeding import name_generator
@@ -15,6 +15,9 @@ from surgery.seeding import name_generator
 ADAPT_ACCEPTS = frozenset({State.MASKED, State.QUANTIZED, State.MERGED, State.SWAPPED,
                            State.LOWERED})
 ADAPT_REFUSALS = {State.ADAPTED: "the layer already has an adapter; `merge adapters` first"}
+
+
+register_state(State.ADAPTED, lambda m: isinstance(m, AdapterLayer))
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -7,8 +7,9 @@ from typing import Any, Literal
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from surgery.passapi import (CallValue, ModulePass, PassError, PassParams, RunContext,
-                             ShapeProblem, State, StepReport, replace_module)
+from surgery.passapi import (CallValue, DataRef, Granularity, ModulePass, PassError, PassParams,
+                             PassResult, RunContext, ShapeProblem, State, StepReport,
+                             replace_module)
 from surgery.passes.adapters.common import (ADAPT_ACCEPTS, ADAPT_REFUSALS, freeze_all_but_adapters,
                                             generator_for, is_linear_like, unsupported_reason)
 from surgery.passes.adapters.layers import LoraLinear
@@ -19,7 +20,7 @@ class EvaInit(BaseModel):
     """`init=eva(data=calib, rho=2, tau=0.99, whiten=false, ...)` (PEFT's EvaConfig defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    data: str = Field(description="the `data` declaration whose calibration split feeds the SVD")
+    data: DataRef = Field(description="the `data` declaration whose calibration split feeds the SVD")
     rho: float = Field(2.0, ge=1.0, description="max components per layer = round(r * rho)")
     tau: float = Field(0.99, ge=0.0, le=1.0, description="cosine similarity that counts as converged")
     whiten: bool = False
@@ -66,10 +67,6 @@ class LoraParams(PassParams):
         return v
 
 
-def _data_ref(params: LoraParams) -> str | None:
-    return params.init.data if isinstance(params.init, EvaInit) else None
-
-
 @register
 class Lora(ModulePass):
     verb = "adapt"
@@ -80,14 +77,26 @@ class Lora(ModulePass):
     accepts = ADAPT_ACCEPTS
     produces = frozenset({State.ADAPTED})
     refusals = ADAPT_REFUSALS
+    granularity = Granularity.TENSOR
+
+    def __init__(self, params: LoraParams):
+        super().__init__(params)
+        if isinstance(params.init, EvaInit):  # EVA's SVD runs on calibration activations
+            self.granularity = Granularity.BLOCK
 
     def is_leaf(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
-    def data_refs(self) -> list[str]:
-        """`data` names used inside nested values (init=eva(data=NAME)), for the checker."""
-        ref = _data_ref(self.params)
-        return [ref] if ref else []
+    def rewrite_skeleton(self, model, targets, models):
+        # EVA may give a layer rank 0 (no adapter) at run time; the plan assumes every target
+        # gets one, and `merge adapters` skips the layers that did not.
+        p = self.params
+        for path, base in targets.items():
+            replace_module(model, path, LoraLinear(base, p.r, p.alpha, p.dropout, p.rslora))
+        return model
+
+    def produced_on(self, targets, result: PassResult) -> list[str]:
+        return [p for p in targets if p in result.report.per_module]  # not EVA's rank-0 layers
 
     def check_module(self, path: str, module: nn.Module) -> str | None:
         reason = unsupported_reason("lora", module)
@@ -99,12 +108,8 @@ class Lora(ModulePass):
                                 "that many components")
         return None
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         p = self.params
-        for path, mod in modules.items():
-            reason = self.check_module(path, mod)
-            if reason:
-                raise PassError(reason, module=path)
         report = StepReport(modules=len(modules))
         ranks = {path: p.r for path in modules}
         alphas = {path: p.alpha for path in modules}
@@ -134,7 +139,7 @@ class Lora(ModulePass):
                                "trainable_percent": round(100.0 * trainable / max(total, 1), 4)})
         report.notes.append(f"{trainable:,} trainable parameters ({100.0 * trainable / max(total, 1):.3f} %"
                             f" of {total:,}); everything else is frozen")
-        return report
+        return self.result(ctx, report)
 
     def _run_eva(self, ctx: RunContext, modules: dict[str, nn.Module], ranks: dict[str, int],
                  alphas: dict[str, float], report: StepReport) -> dict[str, Any]:
@@ -142,7 +147,7 @@ class Lora(ModulePass):
 
         eva: EvaInit = self.params.init
         if eva.data not in ctx.data:
-            raise PassError(f"eva: no data named `{eva.data}`", param="init",
+            raise PassError(f"eva: no data named `{eva.data}`",
                             hint="declare it: data NAME = corpus(\"pydoc\", ...)")
         tokens = ctx.dataset(eva.data).calibration
         with ctx.progress.task("EVA: incremental SVD", total=eva.max_steps) as task:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, State, StepReport,
-                             replace_module)
+from surgery.passapi import (Granularity, ModulePass, PassError, PassParams, PassResult,
+                             RunContext, State, StepReport, replace_module)
 from surgery.passes.adapters.common import float_weight, is_linear_like
 from surgery.passes.adapters.layers import AdapterLayer, BoneLinear, LoraLinear
 from surgery.registry import register
@@ -96,9 +96,9 @@ class MergeAdapters(ModulePass):
     method = "adapters"
     summary = "fold LoRA / Bone adapters into the base weights (Python API: unmerge)"
     Params = MergeAdaptersParams
-    # Binding runs on the model before `adapt` has wrapped anything, so the targets are the same
-    # linear paths that `adapt` selected (their ADAPTED state is tracked by path); at run time
-    # those paths hold the wrappers.
+    granularity = Granularity.TENSOR
+    # The plan's skeleton holds the wrappers `adapt` put there. A plain linear target is allowed
+    # because EVA may give a layer rank 0 at run time (no wrapper): it is skipped, with a note.
     leaf_types = (nn.Linear, LoraLinear, BoneLinear)
     accepts = frozenset({State.ADAPTED, State.MERGED, State.SWAPPED, State.LOWERED})
     requires = frozenset({State.ADAPTED})
@@ -116,10 +116,16 @@ class MergeAdapters(ModulePass):
         if isinstance(module, AdapterLayer):
             return _cannot_merge(path, module)
         if is_linear_like(module):
-            return None  # plan time: the adapter is attached by an earlier line
+            return None  # no adapter here at run time (EVA rank 0): skipped
         return f"{type(module).__name__} carries no adapter to merge"
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def rewrite_skeleton(self, model, targets, models):
+        for path, layer in targets.items():
+            if isinstance(layer, AdapterLayer):
+                replace_module(model, path, layer.base_layer)
+        return model
+
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         report = StepReport()
         skipped = [p for p, m in modules.items() if not isinstance(m, AdapterLayer)]
         modules = {p: m for p, m in modules.items() if isinstance(m, AdapterLayer)}
@@ -136,4 +142,4 @@ class MergeAdapters(ModulePass):
         report.modules = report.metrics["merged"] = len(modules)
         report.notes.append("adapters folded into the base weights "
                             "(surgery.passes.adapters.unmerge(model) restores them)")
-        return report
+        return self.result(ctx, report)

@@ -8,20 +8,22 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
-from surgery.passapi import (ModulePass, PassError, PassParams, RunContext, State, StepReport)
+from surgery.passapi import (DataRef, Granularity, ModulePass, PassError, PassParams, PassResult,
+                             Problem, RunContext, State, StepReport, register_state)
 
 from .intercept import NormaliserSpec
-from .swap import (CannotSynthesise, _no_nested_tensors, capture_inputs, example_inputs, install, is_swapped,
-                   no_attention_reason, trace_stats)
+from .swap import (MARKER, AttentionSwap, CannotSynthesise, _no_nested_tensors, capture_inputs,
+                   example_inputs, install, is_swapped, no_attention_reason, trace_stats)
 
 SUPPORTED_OPS = ("softmax",)
+SELECT_ATTENTION = 'select attention modules, e.g. type(LlamaAttention) or modules("**.self_attn")'
 
 
 class SwapParams(PassParams):
     # Filled by the compiler from `swap <op> in SEL ...`.
     op: str = "softmax"
     # Optional data declaration: perplexity before and right after the swap goes in the report.
-    data: str | None = None  # name of a `data` declaration
+    data: DataRef | None = None  # name of a `data` declaration
 
     @field_validator("op")
     @classmethod
@@ -31,12 +33,16 @@ class SwapParams(PassParams):
         return v
 
 
+register_state(State.SWAPPED, is_swapped)
+
+
 class SwapPass(ModulePass):
     """Base of `swap softmax in SEL for <method>`; subclasses say which normaliser."""
 
     statement_fields = frozenset({"op"})
 
     plan_needs_code = True  # check_module traces the attention forward to find the softmax
+    granularity = Granularity.BLOCK  # traces each attention block, on captured inputs if needed
 
     verb: ClassVar[str] = "swap"
     accepts = frozenset({State.MASKED, State.QUANTIZED, State.ADAPTED, State.MERGED})
@@ -58,10 +64,19 @@ class SwapPass(ModulePass):
             stats = trace_stats(module, self.spec(), args, kwargs)
         except Exception:  # noqa: BLE001 - not traceable without real inputs; checked at run time
             return None
-        return no_attention_reason(module, stats)
+        reason = no_attention_reason(module, stats)
+        return Problem(reason, hint=SELECT_ATTENTION) if reason else None
+
+    def rewrite_skeleton(self, model, targets, models):
+        for path in _outermost(sorted(targets)):
+            setattr(targets[path], MARKER, AttentionSwap(self.spec()))  # the marker child only
+        return model
+
+    def produced_on(self, targets, result: PassResult) -> list[str]:
+        return _outermost(sorted(targets))  # an outer swap covers the modules inside it
 
     # -- run time -------------------------------------------------------------------------
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         spec = self.spec()
         paths = _outermost(sorted(modules))
         report = StepReport()
@@ -85,14 +100,12 @@ class SwapPass(ModulePass):
         if len(paths) < len(modules):
             report.notes.append(f"{len(modules) - len(paths)} selected module(s) inside another selected one "
                                 "were covered by the outer swap")
-        return report
+        return self.result(ctx, report)
 
     def _trace_all(self, ctx: RunContext, targets: dict[str, nn.Module], spec: NormaliserSpec):
         """Trace every target on synthesised inputs, or on inputs captured from a model run."""
         found, pending = {}, {}
         for path, mod in targets.items():
-            if is_swapped(mod):
-                raise PassError(f"softmax in {type(mod).__name__} was already swapped", module=path)
             try:
                 args, kwargs = example_inputs(mod)
                 found[path] = trace_stats(mod, spec, args, kwargs)
@@ -113,8 +126,7 @@ class SwapPass(ModulePass):
         for path, mod in targets.items():
             reason = no_attention_reason(mod, found[path])
             if reason:
-                raise PassError(reason, module=path,
-                                hint="select attention modules, e.g. type(LlamaAttention) or modules(\"**.self_attn\")")
+                raise PassError(reason, module=path, hint=SELECT_ATTENTION)
         return found
 
 

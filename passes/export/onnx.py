@@ -14,7 +14,7 @@ from typing import Literal
 import torch.nn as nn
 from pydantic import field_validator
 
-from surgery.passapi import ModelPass, PassParams, RunContext, State, StepReport
+from surgery.passapi import Granularity, ModelPass, PassParams, PassResult, RunContext, State, StepReport
 from surgery.registry import register
 
 
@@ -66,8 +66,10 @@ class OnnxExport(ModelPass):
     summary = "export to ONNX (int4 as MatMulNBits or QDQ), verified in ONNX Runtime"
     Params = OnnxParams
     accepts = frozenset(State)  # export reads any state and changes none
+    is_output = True
+    granularity = Granularity.MODEL  # traces the whole model's forward
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         from surgery.backends.onnx import example_input, export_onnx
 
         p: OnnxParams = self.params
@@ -85,4 +87,6 @@ class OnnxExport(ModelPass):
         if p.dynamic and not r.dynamic:
             notes.append("dynamic axes failed to trace; the file has fixed input shape "
                          f"{tuple(x.shape)}")
-        return StepReport(modules=0, parameters=0, metrics=metrics, notes=notes)
+        n = sum(p.numel() for p in ctx.model.parameters())
+        return self.result(ctx, StepReport(modules=len(modules), parameters=n, metrics=metrics,
+                                           notes=notes))

@@ -18,7 +18,8 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 
 from surgery.atomic import atomic_dir
-from surgery.passapi import ModelPass, PassError, PassParams, RunContext, StepReport
+from surgery.passapi import (Granularity, ModelPass, PassError, PassParams, PassResult, RunContext,
+                             State, StepReport)
 from surgery.registry import register
 
 PREFIX = "base_model.model."
@@ -96,8 +97,12 @@ class PeftExport(ModelPass):
     method = "peft"
     summary = "write the adapters as a PEFT directory (LoRA -> LORA, Bone -> MISS)"
     Params = PeftExportParams
+    is_output = True
+    granularity = Granularity.TENSOR  # reads the adapter tensors only
+    accepts = frozenset(State)
+    requires = frozenset({State.ADAPTED})  # a model without adapters has nothing to export
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         from safetensors.torch import save_file
 
         from surgery.passes.adapters.layers import AdapterLayer
@@ -129,7 +134,7 @@ class PeftExport(ModelPass):
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         n = sum(t.numel() for t in tensors.values())
-        return StepReport(modules=len(layers), parameters=n,
-                          metrics={"peft_type": config["peft_type"], "tensors": len(tensors),
-                                   "path": str(self.params.path)},
-                          notes=notes)
+        return self.result(ctx, StepReport(
+            modules=len(layers), parameters=n,
+            metrics={"peft_type": config["peft_type"], "tensors": len(tensors),
+                     "path": str(self.params.path)}, notes=notes))

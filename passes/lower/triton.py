@@ -23,8 +23,8 @@ from torch.utils._pytree import tree_leaves
 
 from surgery.backends.ops.registry import lowerable_ops
 from surgery.modelcall import ModelKind
-from surgery.passapi import (MachineProblem, ModulePass, PassError, PassParams, RunContext, State,
-                             StepReport)
+from surgery.passapi import (DataRef, Granularity, MachineProblem, ModulePass, PassError,
+                             PassParams, PassResult, RunContext, State, StepReport, register_state)
 from surgery.passes.lower import runtime, sites
 from surgery.registry import register
 
@@ -50,7 +50,7 @@ def triton_installed() -> bool:
 class LowerParams(PassParams):
     ops: list[str]
     softmax_algorithm: Literal["fused", "online", "two_pass"] = "fused"
-    data: str | None = None  # a `data` name: the gate runs on its inputs (random ids without)
+    data: DataRef | None = None  # a `data` name: the gate runs on its inputs (random ids without)
     samples: int = Field(2, ge=1, le=64)  # calibration sequences the gate runs
     check: bool = True  # run the equivalence gate
 
@@ -67,6 +67,10 @@ class LowerParams(PassParams):
         return list(dict.fromkeys(ops))
 
 
+register_state(State.LOWERED, lambda m: isinstance(m._modules.get(sites.MARKER),
+                                                   sites.TritonLowering))
+
+
 @register
 class LowerTriton(ModulePass):
     statement_fields = frozenset({"ops"})
@@ -76,6 +80,7 @@ class LowerTriton(ModulePass):
     Params = LowerParams
     accepts = frozenset(State)  # lowering changes how ops run, never the weights
     produces = frozenset({State.LOWERED})
+    granularity = Granularity.MODEL  # the equivalence gate runs the whole model on its inputs
 
     def check_module(self, path: str, module: nn.Module) -> str | None:
         if not triton_installed():
@@ -87,8 +92,17 @@ class LowerTriton(ModulePass):
     def affected_parameters(self, modules: dict[str, nn.Module]) -> int:
         return 0
 
+    def rewrite_skeleton(self, model, targets, models):
+        for path, (module, kind, ops) in self._sites(targets).items():
+            setattr(module, sites.MARKER, sites.TritonLowering(kind, ops,
+                                                               self.params.softmax_algorithm))
+        return model
+
+    def produced_on(self, targets, result: PassResult) -> list[str]:
+        return self.lowered  # the sites found inside the targets where a kernel runs
+
     # -- running ------------------------------------------------------------------------------
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         if not triton_installed():
             raise PassError(NO_TRITON)
         if not (cuda_available() or runtime.interpreting_on_cpu()):
@@ -146,7 +160,8 @@ class LowerTriton(ModulePass):
                                     "options the kernel does not cover)")
         if not self.params.check:
             report.notes.append("equivalence gate skipped (check=false)")
-        return report
+        self.lowered = list(kept)
+        return self.result(ctx, report)
 
     def _where_hint(self) -> str:
         return ("int4_linear/int8_linear need quantized modules, stablemax/softplus_attention "

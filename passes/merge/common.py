@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from pydantic import ConfigDict, Field, model_validator
 
-from surgery.passapi import ModelPass, PassError, PassParams, RunContext, State, StepReport
+from surgery.passapi import (Granularity, ModelPass, PassError, PassParams, PassResult, RunContext,
+                             State, StepReport)
 from surgery.seeding import name_seed
 
 from .taskvec import (compatibility_problems, is_mergeable, merge_global, shapes_of, tied_names)
@@ -130,6 +131,7 @@ class MergePass(ModelPass):
     statement_fields = frozenset({"models", "base"})
 
     verb = "merge"
+    granularity = Granularity.TENSOR  # one tensor name at a time across the models
     produces = frozenset({State.MERGED})
     accepts = frozenset({State.MERGED})
     refusals = {State.QUANTIZED: "merging needs dense float weights; merge before quantizing",
@@ -166,6 +168,11 @@ class MergePass(ModelPass):
     def extra_checks(self, models: dict[str, nn.Module]) -> list[str]:
         return []
 
+    def rewrite_skeleton(self, model, targets, models):
+        """The merged model has the architecture of the base (or of the first model)."""
+        p = self.params
+        return copy.deepcopy(models[p.base or p.models[0]])
+
     # --- run time ------------------------------------------------------------------------
     def resolve(self, ctx: RunContext) -> tuple[nn.Module | None, list[nn.Module]]:
         p = self.params
@@ -185,7 +192,7 @@ class MergePass(ModelPass):
             raise PassError(probs[0], hint="only models of the same architecture and shapes merge")
         return base, models
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         p = self.params
         base, models = self.resolve(ctx)
         ref = base if base is not None else models[0]
@@ -196,15 +203,14 @@ class MergePass(ModelPass):
                 [m.state_dict() for m in models], tensor_kinds(ref), p.exclude, ctx.progress)
             out = copy.deepcopy(ref)
             out.load_state_dict(sd)
-        ctx.model = out
         notes = []
         if base is not None and not merger.needs_base:
             notes.append(f"`{self.method}` does not use a base; `into {p.base}` only picks the "
                          "architecture copied")
-        return StepReport(modules=len(models), parameters=n,
-                          metrics={"models": list(p.models), "base": p.base,
-                                   "method": self.method, **self.metrics(merger)},
-                          notes=notes)
+        return PassResult(out, StepReport(modules=len(models), parameters=n,
+                                          metrics={"models": list(p.models), "base": p.base,
+                                                   "method": self.method, **self.metrics(merger)},
+                                          notes=notes))
 
     def metrics(self, merger: TensorMerger) -> dict[str, Any]:
         return {}

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, field_validator, model_validator
 
-from surgery.passapi import PassError, StepReport, replace_module
+from surgery.passapi import DataRef, Granularity, PassError, PassResult, StepReport, replace_module
 from surgery.registry import register
 
 from .bn import has_batchnorm, recompute_bn_stats
@@ -146,7 +146,7 @@ def pleas_merge(m1: nn.Module, m2: nn.Module, batches: list, *, width: float = 1
 
 
 class PleasParams(MergeParams):
-    data: str | None = None  # names a `data` declaration
+    data: DataRef | None = None  # names a `data` declaration
     width: float = Field(1.0, description="budget: 1 = fully merged ... 2 = ensemble")
     strategy: Literal["uniform", "stagewise"] = "uniform"
     group_widths: dict[str, float] = {}
@@ -190,6 +190,9 @@ class PleasMerge(MergePass):
     summary = "PLeaS: partial permutation merge with a width budget, then layer-wise least squares"
     Params = PleasParams
     plan_needs_code = True  # extra_checks traces the model to derive permutation groups
+    granularity = Granularity.MODEL  # matches and refits layers on whole-model activations
+    # rewrite_skeleton (inherited) keeps the first model's shapes; PLeaS may widen layers, so
+    # shape checks of later steps are exact only at run time, where `Pass.run` repeats them.
 
     def check_models(self, models):
         if self.params.head is None:
@@ -228,7 +231,7 @@ class PleasMerge(MergePass):
             matching=p.matching, similarity=p.similarity, max_iter=p.max_iter, seed=p.seed,
             solver=p.solver, ridge=p.ridge, steps=p.steps, lr=p.lr, bn_batches=p.bn_batches,
             head=p.head, progress=ctx.progress)
-        ctx.model = merged
         notes = info.pop("notes")
-        return StepReport(modules=2, parameters=sum(q.numel() for q in merged.parameters()),
-                          metrics={"width": p.width, **info}, notes=notes)
+        return PassResult(merged, StepReport(
+            modules=2, parameters=sum(q.numel() for q in merged.parameters()),
+            metrics={"width": p.width, **info}, notes=notes))

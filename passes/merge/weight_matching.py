@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
-from surgery.passapi import PassError, StepReport
+from surgery.passapi import DataRef, Granularity, PassError, PassResult, StepReport
 from surgery.registry import register
 
 from .bn import has_batchnorm, recompute_bn_stats
@@ -60,7 +60,7 @@ def interpolate(states: list[dict], weights: list[float]) -> dict:
 
 class WeightMatchingParams(MergeParams):
     matching: Literal["weight", "activation"] = "weight"
-    data: str | None = None  # names a `data` declaration
+    data: DataRef | None = None  # names a `data` declaration
     similarity: Literal["neg_l2", "inner", "pearson"] = "neg_l2"
     max_iter: int = Field(100, ge=1)
     seed: int = 0
@@ -83,6 +83,7 @@ class WeightMatchingMerge(MergePass):
     method = "weight_matching"
     summary = "Git Re-Basin: permute B's units onto A's (weights or activations), interpolate"
     Params = WeightMatchingParams
+    granularity = Granularity.MODEL  # permutations are found on the whole model
 
     def extra_checks(self, models):
         m = next(iter(models.values()))
@@ -120,10 +121,9 @@ class WeightMatchingMerge(MergePass):
                 notes.append("BatchNorm statistics re-estimated on data")
             else:
                 notes.append("BatchNorm statistics interpolated, not re-estimated: pass data=NAME")
-        ctx.model = out
         moved = sum(int((P != torch.arange(P.numel())).sum()) for ps in perms_all
                     for P in ps.values())
-        return StepReport(modules=len(models), parameters=sum(v.numel() for v in out.parameters()),
-                          metrics={"groups": len(spec.groups), "units_moved": moved,
-                                   "matching": p.matching, "t": p.t},
-                          notes=notes)
+        return PassResult(out, StepReport(
+            modules=len(models), parameters=sum(v.numel() for v in out.parameters()),
+            metrics={"groups": len(spec.groups), "units_moved": moved, "matching": p.matching,
+                     "t": p.t}, notes=notes))

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from surgery.passapi import (NM, CallValue, ModulePass, PassError, PassParams, Percent,
-                             RunContext, ShapeProblem, State, StepReport, replace_module)
+from surgery.passapi import (NM, CallValue, DataRef, Granularity, ModulePass, PassError,
+                             PassParams, PassResult, Percent, RunContext, ShapeProblem, State,
+                             StepReport, register_state, replace_module)
 
 from surgery.passes.calib import LinearStats, calibrate_sequential
 from surgery.tying import tied_groups
@@ -88,9 +89,13 @@ class PruneParams(PassParams):
         return v
 
 
+register_state(State.MASKED, lambda m: isinstance(m, SparseLinear))
+
+
 class PrunePass(ModulePass):
     statement_fields = frozenset({"sparsity"})
     verb: ClassVar[str] = "prune"
+    granularity = Granularity.BLOCK  # calibrated methods; magnitude overrides
     leaf_types = (nn.Linear,)
     accepts = frozenset({State.MASKED, State.MERGED, State.SWAPPED})
     produces = frozenset({State.MASKED})
@@ -119,11 +124,28 @@ class PrunePass(ModulePass):
             return "it is set up for sparse training; finalize the training first"
         return None
 
+    def rewrite_skeleton(self, model, targets, models):
+        n, m = self.nm
+        training = getattr(self.params, "training", None)
+        with torch.device("meta"):
+            for path, lin in targets.items():
+                if not isinstance(lin, SparseLinear):
+                    replace_module(model, path, SparseLinear(
+                        lin.in_features, lin.out_features, lin.bias is not None, n=n, m=m,
+                        training=training, dtype=lin.weight.dtype))
+        return model
+
+    def ensures(self, model, targets, result: PassResult) -> None:
+        n, m = self.nm
+        if n is None or getattr(self.params, "training", None) is not None:
+            return  # unstructured targets are not exact; training masks are recomputed later
+        for path in targets:
+            keep = model.get_submodule(path).weight_mask
+            if int(keep.reshape(keep.shape[0], -1, m).sum(-1).max()) > n:
+                raise PassError(f"internal: `{path}` keeps more than {n} of {m}", module=path)
+
     # -- running -------------------------------------------------------------------------------
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
-        for path, mod in modules.items():
-            if reason := self.check_module(path, mod):
-                raise PassError(f"cannot prune {path}: {reason}", module=path)
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         _refuse_tied(ctx.model, modules)
         t0 = time.perf_counter()
         report = StepReport(modules=len(modules))
@@ -134,7 +156,7 @@ class PrunePass(ModulePass):
         zero = sum(int((~ctx.model.get_submodule(p).weight_mask).sum()) for p in modules)
         report.parameters = total
         report.metrics["sparsity"] = round(zero / max(total, 1), 6)
-        return report
+        return self.result(ctx, report)
 
     def prune(self, ctx: RunContext, modules: dict[str, nn.Module], report: StepReport) -> None:
         raise NotImplementedError

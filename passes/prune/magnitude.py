@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from surgery.passapi import NM, StepReport
+from surgery.passapi import NM, DataRef, Granularity, StepReport
 from surgery.registry import register
 
 from .base import PrunePass, PruneParams, _call_to_dict
@@ -21,7 +21,7 @@ from .training import METHODS, TrainingConfig, sdgf_patterns
 
 class MagnitudeParams(PruneParams):
     scope: Literal["row", "layer"] | None = None
-    data: str | None = None  # only for refine=dsnot()
+    data: DataRef | None = None  # only for refine=dsnot()
     training: TrainingConfig | None = None
 
     @field_validator("training", mode="before")
@@ -50,6 +50,12 @@ class MagnitudePrune(PrunePass):
     is_default = True
     Params = MagnitudeParams
     default_scope = "layer"
+    granularity = Granularity.TENSOR
+
+    def __init__(self, params: MagnitudeParams):
+        super().__init__(params)
+        if params.refine is not None:  # DSnoT calibrates block by block
+            self.granularity = Granularity.BLOCK
 
     def prune(self, ctx, modules, report: StepReport) -> None:
         p = self.params

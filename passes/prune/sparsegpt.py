@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator
 
-from surgery.passapi import NM, PassError, StepReport
+from surgery.passapi import NM, DataRef, PassError, StepReport
 from surgery.passes.calib import HessianError, prepare_hessian
 from surgery.registry import register
 
@@ -20,7 +20,7 @@ from .sparsegpt_core import sparsegpt
 
 
 class SparseGPTParams(PruneParams):
-    data: str
+    data: DataRef
     block: int = 128
     damp: float = 0.01
 

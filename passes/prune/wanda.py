@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from surgery.passapi import StepReport
+from surgery.passapi import DataRef, StepReport
 from surgery.registry import register
 
 from .base import PrunePass, PruneParams
 
 
 class WandaParams(PruneParams):
-    data: str
+    data: DataRef
     scope: Literal["row", "layer"] | None = None
 
 

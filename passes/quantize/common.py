@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator, model_validator
 
-from surgery.passapi import ModulePass, PassParams, ShapeProblem, State, StepReport
+from surgery.passapi import (Granularity, ModulePass, PassError, PassParams, PassResult,
+                             ShapeProblem, State, StepReport, register_state, replace_module)
 from surgery.passes.quantize.formats import ClipSearch, Format
 from surgery.passes.quantize.qlinear import QuantLinear
 
@@ -68,11 +69,15 @@ def valid_groups(n: int) -> list[int]:
     return nice or divs
 
 
+register_state(State.QUANTIZED, lambda m: isinstance(m, QuantLinear))
+
+
 class QuantizePass(ModulePass):
-    """Base of `quantize` methods: states, leaf types and the divisibility check."""
+    """Base of `quantize` methods: states, leaf types, the divisibility check, the structure."""
 
     verb = "quantize"
     statement_fields = frozenset({"format"})
+    permuted: ClassVar[bool] = False  # the layers keep a column permutation (GPTQ act_order)
     leaf_types: ClassVar[tuple[type, ...]] = (nn.Linear, QuantLinear)
     accepts = frozenset({State.MASKED, State.MERGED, State.SWAPPED})
     produces = frozenset({State.QUANTIZED})
@@ -93,6 +98,30 @@ class QuantizePass(ModulePass):
                                 f"{module.in_features} (valid groups: {groups}; or omit group "
                                 "for per-channel)")
         return None
+
+    def quant_config(self, module: nn.Module) -> dict[str, Any]:
+        """The `QuantLinear.surgery_config` this pass gives ``module``."""
+        p = self.params
+        return {"in_features": module.in_features, "out_features": module.out_features,
+                "bits": p.bits, "group": p.group_for(module.in_features),
+                "symmetric": p.is_symmetric, "bias": module.bias is not None,
+                "permuted": self.permuted,
+                "dtype": str(module.weight.dtype).removeprefix("torch.")}
+
+    def rewrite_skeleton(self, model, targets, models):
+        with torch.device("meta"):
+            for path, mod in targets.items():
+                replace_module(model, path, QuantLinear.from_surgery_config(self.quant_config(mod)))
+        return model
+
+    def ensures(self, model: nn.Module, targets, result: PassResult) -> None:
+        p = self.params
+        for path, before in targets.items():
+            q = model.get_submodule(path)
+            if (q.bits, q.group, q.symmetric) != (p.bits, p.group_for(before.in_features),
+                                                  p.is_symmetric):
+                raise PassError(f"internal: `{path}` was quantized as int{q.bits}/group {q.group}"
+                                f", not as asked", module=path)
 
     def estimate_memory(self, modules: dict[str, nn.Module]) -> int:
         # One float32 copy of the largest weight while it is being quantised.

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
-from surgery.passapi import PassError, RunContext, StepReport
+from surgery.passapi import DataRef, Granularity, PassError, PassResult, RunContext
 from surgery.passes.calib import HessianError, calibrate_sequential
 from surgery.passes.calib.hessian import (act_order_perm, add_damping, dead_columns,
                                           inverse_cholesky_upper)
@@ -147,7 +147,7 @@ def _gptq(W, H, fmt, group, block, damp, act_order, static_groups, clip, mask) -
 
 
 class GptqParams(QuantParams):
-    data: str  # name of a `data` declaration (required: GPTQ needs calibration inputs)
+    data: DataRef  # name of a `data` declaration (required: GPTQ needs calibration inputs)
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block: int = 128  # lazy-update block of columns
     act_order: bool = False  # quantise columns by decreasing Hessian diagonal
@@ -176,19 +176,17 @@ class Gptq(QuantizePass):
     method = "gptq"
     summary = "GPTQ: Hessian-aware int4/int8 weight quantisation, layer-sequential calibration"
     Params = GptqParams
+    granularity = Granularity.BLOCK
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    @property
+    def permuted(self) -> bool:
+        """act_order with plain groups stores the columns permuted (see `gptq_quantize`)."""
+        p = self.params
+        return p.act_order and p.group is not None and not p.static_groups
+
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         p: GptqParams = self.params
         fmt = p.fmt()
-        for path, mod in modules.items():
-            if isinstance(mod, QuantLinear):
-                raise PassError("already quantized", module=path)
-            if not isinstance(mod, nn.Linear):
-                raise PassError(f"gptq quantizes Linear layers, not {type(mod).__name__}",
-                                module=path)
-            reason = self.check_module(path, mod)
-            if reason:
-                raise PassError(reason, module=path)
         ds = ctx.dataset(p.data)
         calib = ds.calibration if p.samples is None else ds.calibration[:p.samples]
         results, sizes = {}, [0, 0]
@@ -219,4 +217,4 @@ class Gptq(QuantizePass):
         extra = {"calibration_samples": int(calib.shape[0]),
                  "calibration_tokens": int(calib.numel()),
                  "total_gptq_loss": float(sum(r["gptq_loss"] for r in results.values()))}
-        return build_report(results, sizes[0], sizes[1], p, extra)
+        return self.result(ctx, build_report(results, sizes[0], sizes[1], p, extra))

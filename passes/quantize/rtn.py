@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from surgery.passapi import PassError, RunContext, StepReport, replace_module
+from surgery.passapi import Granularity, PassResult, RunContext, replace_module
 from surgery.passes.quantize.common import (QuantizePass, QuantParams, build_report,
                                             existing_mask, float_bytes, relative_error,
                                             to_quantlinear)
@@ -40,19 +40,15 @@ class Rtn(QuantizePass):
     method = "rtn"
     summary = "round-to-nearest weight quantisation (int8 / int4, per channel or per group)"
     is_default = True
+    granularity = Granularity.TENSOR
     Params = QuantParams
 
-    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> StepReport:
+    def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         p: QuantParams = self.params
         fmt = p.fmt()
         results, before, after = {}, 0, 0
         with torch.no_grad(), ctx.progress.task(f"RTN {p.format}", total=len(modules)) as t:
             for path, mod in modules.items():
-                if isinstance(mod, QuantLinear):
-                    raise PassError("already quantized", module=path)
-                reason = self.check_module(path, mod)
-                if reason:
-                    raise PassError(reason, module=path)
                 codes, scale, zero = rtn_quantize(mod.weight, fmt, p.group_for(mod.in_features),
                                                   p.clip_search(), existing_mask(mod))
                 q = to_quantlinear(mod, codes, scale, zero, fmt)
@@ -63,4 +59,4 @@ class Rtn(QuantizePass):
                 after += q.storage_bytes()
                 replace_module(ctx.model, path, q)
                 t.advance()
-        return build_report(results, before, after, p)
+        return self.result(ctx, build_report(results, before, after, p))

@@ -122,7 +122,7 @@ def quantize(model, method, **kw):
     mods = {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.startswith("model.layers")}
     P = get_pass("quantize", method)
-    P(P.Params(**kw)).apply(RunContext(model=model, models={}, data={"calib": ds},
+    P(P.Params(**kw)).run(RunContext(model=model, models={}, data={"calib": ds},
                                        progress=Progress()), mods)
     return model
 
@@ -134,7 +134,7 @@ def test_tiny_llama_export_matches_pytorch(tmp_path, int4):
     layer = model.model.layers[1].mlp.up_proj
     path = tmp_path / "m.onnx"
     ctx = RunContext(model=model, models={}, data={}, progress=Progress())
-    report = EXPORT(EXPORT.Params(path=str(path), int4=int4)).apply(ctx, {})
+    report = EXPORT(EXPORT.Params(path=str(path), int4=int4)).run(ctx, {}).report
     assert report.metrics["verified"] and report.metrics["max_rel_diff"] <= 1e-3
     assert report.metrics["dynamic_axes"]
     key = "com.microsoft::MatMulNBits" if int4 == "matmulnbits" else "DequantizeLinear"
@@ -156,9 +156,9 @@ def test_int8_llama_export_and_failed_verification_leaves_nothing(tmp_path):
     path = tmp_path / "m.onnx"
     ctx = RunContext(model=model, models={}, data={}, progress=Progress())
     with pytest.raises(PassError, match="differs from PyTorch"):
-        EXPORT(EXPORT.Params(path=str(path), tolerance=1e-12)).apply(ctx, {})
+        EXPORT(EXPORT.Params(path=str(path), tolerance=1e-12)).run(ctx, {})
     assert not path.exists() and list(tmp_path.iterdir()) == []
-    report = EXPORT(EXPORT.Params(path=str(path))).apply(ctx, {})
+    report = EXPORT(EXPORT.Params(path=str(path))).run(ctx, {}).report
     assert report.metrics["verified"] and path.exists()
     assert report.metrics["ops"]["DequantizeLinear"] == 14
 

@@ -97,7 +97,7 @@ def test_smollm2_swap_reports_perplexity_and_matches_reference():
 
     P = get_pass("swap", "softplus")
     ctx = RunContext(model=model, models={}, data={"calib": ds}, progress=Progress())
-    report = P(P.Params(data="calib")).apply(ctx, {p: model.get_submodule(p) for p in paths})
+    report = P(P.Params(data="calib")).run(ctx, {p: model.get_submodule(p) for p in paths}).report
     m = report.metrics
     assert report.modules == 30
     assert 1 < m["perplexity_before"] < 40  # SmolLM2 on pydoc text

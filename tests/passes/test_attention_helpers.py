@@ -16,7 +16,7 @@ def swap(model, paths, method="stablemax", data=None, **params):
     p = P(P.Params(**params))
     mods = {path: model.get_submodule(path) for path in paths}
     ctx = RunContext(model=model, models={}, data=data or {}, progress=Progress())
-    return p.apply(ctx, mods)
+    return p.run(ctx, mods).report
 
 
 def ref_weights(kind, q, k, keep, scale=None, p=15.0, reweight=False, eps=1e-8):

@@ -76,7 +76,7 @@ def test_without_cuda_apply_refuses_outside_the_interpreter(monkeypatch):
     p = get_pass("lower", "triton")(lower.LowerParams(ops=["softmax"]))
     ctx = RunContext(model=nn.Softmax(-1), models={}, data={}, progress=Progress())
     with pytest.raises(PassError, match="needs a CUDA GPU"):
-        p.apply(ctx, {"": ctx.model})
+        p.run(ctx, {"": ctx.model})
 
 
 def _swapped_quantized():
@@ -129,7 +129,7 @@ def test_gate_failure_leaves_modules_unlowered(fake_gpu, monkeypatch):
     p = get_pass("lower", "triton")(lower.LowerParams(ops=["softplus_attention", "int4_linear"]))
     ctx = RunContext(model=model, models={}, data={}, progress=Progress())
     with pytest.raises(PassError, match="int4_linear in `model.layers.0.mlp.gate_proj`"):
-        p.apply(ctx, {"model": model.model})
+        p.run(ctx, {"model": model.model})
     for _, m in model.named_modules():
         assert sites.MARKER not in m._modules
     assert "forward" not in model.model.layers[0].mlp.up_proj.__dict__
@@ -163,8 +163,8 @@ def test_softmax_and_log_stablemax_calls_are_lowered(fake_gpu, algorithm):
     before = model(ids)
     p = get_pass("lower", "triton")(lower.LowerParams(ops=["softmax", "log_stablemax"],
                                                       softmax_algorithm=algorithm))
-    rep = p.apply(RunContext(model=model, models={}, data={}, progress=Progress()),
-                  {"head": model.head})
+    rep = p.run(RunContext(model=model, models={}, data={}, progress=Progress()),
+                  {"head": model.head}).report
     assert rep.per_module["head"]["kernel_calls"] == 2  # one softmax, one log_stablemax
     assert rep.metrics["lowered"] == {"log_stablemax": 1, "softmax": 1}
     torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-6)
@@ -178,7 +178,7 @@ def test_gate_needs_inputs_it_can_build():
     with runtime.interpret_on_cpu(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(lower, "cuda_available", lambda: True)
         with pytest.raises(PassError, match="cannot build example inputs for `1`") as err:
-            pass_.apply(ctx, {"1": seq[1]})
+            pass_.run(ctx, {"1": seq[1]})
     assert err.value.hint == "pass data=NAME so the gate runs on captured inputs"
 
 
@@ -224,7 +224,7 @@ swap softmax in type(LlamaAttention) for softplus(reweight=true)
                                                       data="calib", samples=1))
     ctx = RunContext(model=model, models={}, data={"calib": ds}, progress=Progress())
     # two decoder layers: the interpreter needs minutes per layer on a busy 2-core machine
-    rep = p.apply(ctx, {f"model.layers.{i}": model.model.layers[i] for i in (0, 29)})
+    rep = p.run(ctx, {f"model.layers.{i}": model.model.layers[i] for i in (0, 29)}).report
     assert rep.metrics["lowered"] == {"softplus_attention": 2, "int4_linear": 6}
     assert rep.metrics["max_rel_diff"] < 1e-4
     with torch.no_grad():

@@ -127,8 +127,8 @@ def run(method, models, names, base=None, **kw):
     P = get_pass("merge", method)
     p = P(P.Params(models=names, base=base, **kw))
     ctx = RunContext(model=models[names[0]], models=models, data={}, progress=Progress(), seed=0)
-    report = p.apply(ctx, {})
-    return ctx.model, report
+    result = p.run(ctx, {})
+    return result.model, result.report
 
 
 @pytest.mark.parametrize("method,kw", [("linear", {}), ("task_arithmetic", {}), ("ties", {}),

@@ -204,8 +204,8 @@ def test_pleas_pass_on_a_transformer():
     p = P(P.Params(models=["a", "b"], data="calib", width=1.25))
     assert p.check_models({"a": a, "b": b}) == []
     ctx = RunContext(model=a, models={"a": a, "b": b}, data={"calib": ds}, progress=Progress())
-    rep = p.apply(ctx, {})
-    m = ctx.model
+    result = p.run(ctx, {})
+    rep, m = result.report, result.model
     assert m.model.layers[0].mlp.up_proj.out_features == 80  # 48 merged + 2 x 16 separate
     assert m.config.intermediate_size == 80  # saves and reloads as a plain HF model
     assert "attention" in rep.notes[0]

@@ -26,7 +26,7 @@ def export(model, path, sources=None) -> dict:
     E = get_pass("export", "peft")
     ctx = RunContext(model=model, models={}, data={}, progress=Progress(),
                      model_sources=sources or {})
-    E(E.Params(path=str(path))).apply(ctx, {})
+    E(E.Params(path=str(path))).run(ctx, {})
     return json.loads((path / "adapter_config.json").read_text())
 
 

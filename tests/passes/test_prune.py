@@ -41,7 +41,7 @@ def run(method, model, sparsity, **kw):
     P = get_pass("prune", method)
     p = P(P.Params(sparsity=sparsity, **kw))
     ctx = RunContext(model=model, models={}, data={"calib": dataset()}, progress=Progress())
-    return p.apply(ctx, block_linears(model))
+    return p.run(ctx, block_linears(model)).report
 
 
 def correlated_inputs(cols=64, tokens=2000, seed=0):
@@ -400,7 +400,7 @@ def test_pruning_a_tied_weight_is_refused():
     P = get_pass("prune", "magnitude")
     ctx = RunContext(model=model, models={}, data={}, progress=Progress())
     with pytest.raises(PassError, match="tied to model.embed_tokens"):
-        P(P.Params(sparsity=NM(n=2, m=4))).apply(ctx, {"lm_head": model.lm_head})
+        P(P.Params(sparsity=NM(n=2, m=4))).run(ctx, {"lm_head": model.lm_head})
 
 
 def test_reprune_a_pruned_module_to_higher_sparsity():

@@ -42,10 +42,10 @@ def test_quantizing_a_pruned_module_keeps_zeros(quant, sparsity):
     assert Q is not None, "the quantize family ships with surgery"
     model = tiny()
     P = get_pass("prune", "wanda")
-    P(P.Params(sparsity=sparsity, data="calib")).apply(ctx(model), linears(model))
+    P(P.Params(sparsity=sparsity, data="calib")).run(ctx(model), linears(model))
     masks = {p: m.weight_mask.clone() for p, m in linears(model).items()}
     assert all(isinstance(m, SparseLinear) for m in linears(model).values())
-    Q(Q.Params(**quant[1])).apply(ctx(model), linears(model))
+    Q(Q.Params(**quant[1])).run(ctx(model), linears(model))
     for path, keep in masks.items():
         q = model.get_submodule(path)
         w = q.dequantized_weight()

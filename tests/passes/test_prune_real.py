@@ -46,7 +46,7 @@ def setup():
             P = get_pass("prune", method)
             targets = {n: m for n, m in model.named_modules()
                        if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
-            P(P.Params(sparsity=sparsity, **kw)).apply(
+            P(P.Params(sparsity=sparsity, **kw)).run(
                 RunContext(model=model, models={}, data={"calib": calibs[calib]},
                            progress=Progress()), targets)
             cache[key] = perplexity(model, ev)

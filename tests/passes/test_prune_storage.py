@@ -82,7 +82,7 @@ def test_whole_model_round_trip_through_registry(tmp_path):
     P = get_pass("prune", "magnitude")
     mods = {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.startswith("model.layers")}
-    P(P.Params(sparsity=NM(n=2, m=4))).apply(
+    P(P.Params(sparsity=NM(n=2, m=4))).run(
         RunContext(model=model, models={}, data={}, progress=Progress()), mods)
     saved = surgery_modules(model)
     assert len(saved) == 7 and all(v["type"] == "SparseLinear" for v in saved.values())
@@ -129,9 +129,9 @@ def test_onnx_export_of_a_pruned_model(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     P = get_pass("prune", "magnitude")
-    P(P.Params(sparsity=Percent(value=50))).apply(
+    P(P.Params(sparsity=Percent(value=50))).run(
         RunContext(model=model, models={}, data={}, progress=Progress()), {"0": model[0]})
-    P(P.Params(sparsity=NM(n=2, m=4))).apply(
+    P(P.Params(sparsity=NM(n=2, m=4))).run(
         RunContext(model=model, models={}, data={}, progress=Progress()), {"2": model[2]})
     x = torch.randn(5, 32)
     path = tmp_path / "m.onnx"

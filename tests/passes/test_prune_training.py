@@ -20,8 +20,8 @@ def prepared(training: dict, n=1, m=8, seed=0):
     P = get_pass("prune", "magnitude")
     method = training.pop("method")
     p = P(P.Params(sparsity=NM(n=n, m=m), training=CallValue(name=method, kwargs=training)))
-    report = p.apply(RunContext(model=model, models={}, data={}, progress=Progress()),
-                     {"0": model[0]})
+    report = p.run(RunContext(model=model, models={}, data={}, progress=Progress()),
+                     {"0": model[0]}).report
     assert "sparse training" in report.notes[0]
     return model, model[0]
 

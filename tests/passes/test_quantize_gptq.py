@@ -99,7 +99,7 @@ def run(model, cls, **kw):
             if isinstance(m, nn.Linear) and n != "lm_head"}
     p = cls(cls.Params(**kw))
     ctx = RunContext(model=model, models={}, data={"calib": ds}, progress=Progress())
-    return p.apply(ctx, mods), ds
+    return p.run(ctx, mods).report, ds
 
 
 @pytest.mark.parametrize("extra", [{}, {"act_order": True}, {"true_sequential": True},

@@ -33,7 +33,7 @@ def quantized_ppl(setup, method, **kw):
             if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
     assert len(mods) == 210
     P = get_pass("quantize", method)
-    P(P.Params(**kw)).apply(RunContext(model=model, models={}, data={"calib": calib},
+    P(P.Params(**kw)).run(RunContext(model=model, models={}, data={"calib": calib},
                                        progress=Progress()), mods)
     return perplexity(model, evalset.evaluation)
 

@@ -26,7 +26,7 @@ def ctx(model):
 def apply(model, paths, **kw):
     p = RTN(RTN.Params(**kw))
     mods = {path: model.get_submodule(path) for path in paths}
-    return p.apply(ctx(model), mods)
+    return p.run(ctx(model), mods).report
 
 
 @pytest.mark.parametrize("bits,sym,group", [(8, True, None), (8, False, 16), (4, True, 16),
