@@ -217,10 +217,10 @@ def test_lowering_without_a_gpu_is_e0803(dirs, monkeypatch):
 
 # -- expectations ---------------------------------------------------------------------------------
 
-def test_division_by_a_literal_zero_is_found_at_plan_time(dirs):
+def test_division_by_a_literal_zero_is_found_at_check_time(dirs):
     text = script(dirs, "expect perplexity(calib) <= original / (2 - 2)\n")
-    d = errors(lambda: surgery.compile(text).plan())[0]
-    assert d.code == "E0301" and d.span.line == 5 and "divides by zero" in d.message
+    d = errors(lambda: surgery.compile(text).check())[0]
+    assert d.code == "E0214" and d.span.line == 5 and "divides by zero" in d.message
     assert text.splitlines()[4][d.span.col - 1:d.span.end_col - 1] == "2 - 2"
 
 
