@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch.nn as nn
@@ -10,6 +12,8 @@ from surgery import ast
 from surgery.binder import Plan, bind
 from surgery.checker import CheckedProgram, check
 from surgery.models import LoadedModel
+from surgery.outputs import check_output
+from surgery.outputs import release as release_output
 from surgery.parser import parse
 from surgery.progress import Progress
 from surgery.runner import Result, Runner, subject_for
@@ -48,20 +52,33 @@ class Program:
             if checked.subject is not None and name == checked.subject.name:
                 continue
             others[name] = load_skeleton(decl.source, structural=structural).model
-        return bind(checked, subject.model, subject_source=subject.source,
+        plan = bind(checked, subject.model, subject_source=subject.source,
                     skeleton=subject.is_skeleton,
                     models={**({checked.subject.name: subject.model} if checked.subject else {}),
                             **others} if others else None)
+        # Output path, parent writability and free space against the model's size: known now.
+        check_output(checked, checked.save_path, subject.model)
+        return plan
 
     def apply(self, model: str | nn.Module | LoadedModel | None = None, *, seed: int = 0,
               output: str | Path | None = None, progress: Progress | None = None,
-              trust_pickle: bool = False) -> Result:
-        """Run the script on ``model`` (default: load the script's model). The model is edited
-        in place; outputs are written only if every expectation holds."""
+              trust_pickle: bool = False, inplace: bool = False) -> Result:
+        """Run the script on ``model`` (default: load the script's model) and return the new
+        model in ``Result.model``. A module you pass in is copied first and never modified,
+        unless ``inplace=True`` (no copy: less memory, and your module is edited). Outputs are
+        written only if every expectation holds."""
         checked = self.check()
+        if not inplace and isinstance(model, nn.Module):
+            model = copy.deepcopy(model)
+        elif not inplace and isinstance(model, LoadedModel):
+            model = dataclasses.replace(model, model=copy.deepcopy(model.model))
         subject = subject_for(checked, model, skeleton=False, trust_pickle=trust_pickle)
         runner = Runner(checked, seed=seed, progress=progress, trust_pickle=trust_pickle)
-        return runner.run(subject, output=str(output) if output is not None else None)
+        out = str(output) if output is not None else None
+        try:
+            return runner.run(subject, output=out)
+        finally:
+            release_output(out or checked.save_path)  # the runner's claim on the output
 
     def to_text(self) -> str:
         from surgery.printer import to_text

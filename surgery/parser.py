@@ -4,13 +4,15 @@ every syntax error at once."""
 from __future__ import annotations
 
 import ast as pyast
+import math
 import re
 import warnings
 from functools import lru_cache
 from importlib import resources
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from surgery import ast
 from surgery.diagnostics import Diagnostic, SurgeryError, did_you_mean, suggest
@@ -20,6 +22,14 @@ STATEMENT_KEYWORDS = ("surgery", "model", "data", "let", "expect",
                       "prune", "quantize", "swap", "adapt", "merge", "lower", "export", "save")
 VERBS = STATEMENT_KEYWORDS[5:]
 PREPOSITIONS = ("to", "in", "for", "with", "into")
+
+# Documented limits (docs/language.md, "Limits"). Deeper nesting is refused with E0104 rather than
+# risking Python's recursion limit in later stages, which walk expressions recursively. Chains of
+# `|` or `&` are flattened and rebalanced (both are associative on module sets), so a generated
+# union of thousands of globs nests only log2(n) deep and never meets this limit.
+MAX_EXPR_DEPTH = 100
+MAX_NUMBER_DIGITS = 40  # longer numerals are refused with E0105 (int() of huge strings is slow)
+_BALANCE_AT = 16  # rebalance `|`/`&` chains with more operands than this (short ones stay as written)
 
 # What the terminals look like, for "expected ..." messages.
 _TERMINAL_TEXT = {
@@ -69,7 +79,8 @@ def split_statements(src: SourceFile) -> tuple[list[tuple[int, int]], list[Diagn
     chunks: list[list[int]] = []
     diags: list[Diagnostic] = []
     offset, depth = 0, 0
-    for raw in src.text.splitlines(keepends=True):
+    # "\n" ends a line, as in SourceFile; other characters str.splitlines breaks on do not.
+    for raw in re.findall(r"[^\n]*\n|[^\n]+$", src.text):
         line = raw.rstrip("\r\n")
         stripped = line.strip()
         start_of_line = offset
@@ -97,7 +108,38 @@ def split_statements(src: SourceFile) -> tuple[list[tuple[int, int]], list[Diagn
 
 # ---------------------------------------------------------------------------- tree -> AST
 
-class _ToAst(Transformer):
+class _Chain:
+    """A left-deep chain of one associative selector operator (`|` or `&`) while the tree is
+    transformed. Short chains keep their left-deep BinOp as written; long ones are rebalanced before
+    any other rule sees them (so later stages recurse log2(n) deep, not n)."""
+
+    __slots__ = ("op", "operands", "node")
+
+    def __init__(self, op: str, operands: list, node):
+        self.op, self.operands, self.node = op, operands, node
+
+
+def _balanced(op: str, items: list, lo: int, hi: int):
+    if hi - lo == 1:
+        return items[lo]
+    mid = lo + (hi - lo) // 2
+    left, right = _balanced(op, items, lo, mid), _balanced(op, items, mid, hi)
+    return ast.BinOp(op=op, left=left, right=right, span=Span.cover(left.span, right.span))
+
+
+def _finish(x):
+    if not isinstance(x, _Chain):
+        return x
+    if len(x.operands) <= _BALANCE_AT:
+        return x.node
+    return _balanced(x.op, x.operands, 0, len(x.operands))
+
+
+class _ToAst(Transformer_NonRecursive):
+    """Lark tree -> AST without recursion (lark's plain Transformer recurses once per tree level
+    and overflows Python's stack on a few hundred nested operators)."""
+
+
     def __init__(self, src: SourceFile, base: int):
         super().__init__()
         self.src, self.base = src, base
@@ -108,8 +150,27 @@ class _ToAst(Transformer):
                                     self.base + meta_or_tok.end_pos)
         return self.src.span_at(self.base + meta_or_tok.start_pos, self.base + meta_or_tok.end_pos)
 
-    def _node_span(self, node) -> Span:
-        return node.span
+    def _call_userfunc(self, tree, new_children=None):
+        children = tree.children if new_children is None else new_children
+        if tree.data != "binop":
+            children = [_finish(c) for c in children]
+        return super()._call_userfunc(tree, children)
+
+    def _finite(self, text: str, meta) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _AstError(Diagnostic("E0105", f"number `{text}` is out of range",
+                                       self._span(meta), help="the largest number is about 1.8e308"))
+        return value
+
+    def _number_text(self, tok) -> str:
+        text = str(tok)
+        if len(text) > MAX_NUMBER_DIGITS:
+            raise _AstError(Diagnostic(
+                "E0105", f"number with {len(text)} characters is too long", self._span(tok),
+                help=f"numbers have at most {MAX_NUMBER_DIGITS} characters; use an exponent "
+                     "such as 1e9"))
+        return text
 
     # atoms
     @v_args(meta=True)
@@ -129,12 +190,12 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def number(self, meta, children):
-        text = str(children[0])
-        return ast.Number(value=float(text), text=text, span=self._span(meta))
+        text = self._number_text(children[0])
+        return ast.Number(value=self._finite(text, meta), text=text, span=self._span(meta))
 
     @v_args(meta=True)
     def ratio(self, meta, children):
-        a, b = (str(c) for c in children)
+        a, b = (self._number_text(c) for c in children)
         span = self._span(meta)
         for t in (a, b):
             if not t.isdigit():
@@ -144,8 +205,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def percent(self, meta, children):
-        text = str(children[0])
-        return ast.Percent(value=float(text), text=text, span=self._span(meta))
+        text = self._number_text(children[0])
+        return ast.Percent(value=self._finite(text, meta), text=text, span=self._span(meta))
 
     @v_args(meta=True)
     def boolean(self, meta, children):
@@ -183,7 +244,18 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def binop(self, meta, children):
         left, op, right = children
-        return ast.BinOp(op=str(op), left=left, right=right, span=self._span(meta))
+        op = str(op)
+        if op in "|&":
+            # Only the left operand continues a chain: a right operand of the same operator was
+            # parenthesised, and stays a unit as written.
+            chained = isinstance(left, _Chain) and left.op == op
+            ops = left.operands if chained else [_finish(left)]
+            right = _finish(right)
+            ops.append(right)
+            node = ast.BinOp(op=op, left=left.node if chained else ops[0], right=right,
+                             span=self._span(meta))
+            return _Chain(op, ops, node)
+        return ast.BinOp(op=op, left=_finish(left), right=_finish(right), span=self._span(meta))
 
     @v_args(meta=True)
     def neg(self, meta, children):
@@ -196,6 +268,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def version_stmt(self, meta, children):
         tok = children[0]
+        self._number_text(tok)
         if not str(tok).isdigit():
             raise _AstError(Diagnostic("E0103", f"language version must be a whole number, "
                                        f"got `{tok}`", self._span(tok), help="write `surgery 1`"))
@@ -261,6 +334,22 @@ class _ToAst(Transformer):
 class _AstError(Exception):
     def __init__(self, diag: Diagnostic):
         self.diag = diag
+
+
+def _too_deep(stmt: ast.Node) -> Diagnostic | None:
+    """E0104 at the first expression nested deeper than MAX_EXPR_DEPTH (walked without recursion)."""
+    stack = [(stmt, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_EXPR_DEPTH:
+            return Diagnostic("E0104", f"expression nested more than {MAX_EXPR_DEPTH} levels deep",
+                              node.span, help="split it with `let` declarations")
+        for value in node.__dict__.values():
+            if isinstance(value, ast.Node):
+                stack.append((value, depth + 1))
+            elif isinstance(value, list):
+                stack.extend((v, depth + 1) for v in value if isinstance(v, ast.Node))
+    return None
 
 
 # ---------------------------------------------------------------------------- errors
@@ -333,7 +422,12 @@ def parse(text: str, name: str = "<script>") -> ast.Program:
         piece = text[start:end]
         try:
             tree = _lark().parse(piece)
-            statements.append(_ToAst(src, start).transform(tree))
+            stmt = _finish(_ToAst(src, start).transform(tree))
+            deep = _too_deep(stmt)
+            if deep is not None:
+                diags.append(deep)
+                continue
+            statements.append(stmt)
         except lark.exceptions.VisitError as e:
             if isinstance(e.orig_exc, _AstError):
                 diags.append(e.orig_exc.diag)

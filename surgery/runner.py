@@ -11,13 +11,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery import evaluate
+from surgery import atomic, evaluate
 from surgery.binder import Plan, bind
 from surgery.checker import CheckedProgram, Expectation, evaluate_bound
 from surgery.data import Dataset, corpus, text_file
 from surgery.diagnostics import Diagnostic, SurgeryError
 from surgery.models import LoadedModel, load_model, load_skeleton, sha256_file
 from surgery.passapi import ModelPass, PassError, RunContext, StepReport
+from surgery.outputs import check_output
 from surgery.progress import Progress
 
 AGREEMENT_WINDOWS = 4  # evaluation windows used by max_abs_diff / cosine
@@ -127,7 +128,9 @@ class Runner:
 
     def run(self, subject: LoadedModel, *, output: str | None = None) -> Result:
         program = self.program
-        check_output_path(program, output or program.save_path)
+        check_output(program, output or program.save_path, subject.model, claim=True)
+        for note in atomic.take_notes():  # leftovers of killed runs, cleaned up by the claim
+            self.progress.log(f"note: {note}")
         torch.manual_seed(self.seed)
         others = self._other_models(subject)
         subject_name = program.subject.name if program.subject else "model"
@@ -234,22 +237,6 @@ class Runner:
                     source=self.program.source))
         if failed:
             raise SurgeryError(failed)
-
-
-def check_output_path(program: CheckedProgram, path: str | None) -> None:
-    """Refuse, before any work, to replace something that is not a surgery artifact."""
-    if path is None:
-        return
-    p = Path(path)
-    problem = None
-    if p.exists() and not p.is_dir():
-        problem = f"`{path}` exists and is a file"
-    elif p.is_dir() and any(p.iterdir()) and not (p / "surgery.json").exists():
-        problem = f"`{path}` is a non-empty directory that surgery did not write"
-    if problem:
-        raise SurgeryError(Diagnostic("E0802", f"refusing to replace {problem}",
-                                      program.save_span, source=program.source,
-                                      help="choose a new output path or remove it first"))
 
 
 def subject_for(program: CheckedProgram, model, *, skeleton: bool, structural: bool = False,
