@@ -11,7 +11,8 @@ import torch.nn as nn
 from surgery import ast
 from surgery.binder import Plan, bind
 from surgery.checker import CheckedProgram, check
-from surgery.models import LoadedModel
+from surgery.diagnostics import SurgeryError
+from surgery.models import LoadedModel, remote_code
 from surgery.outputs import check_output
 from surgery.outputs import release as release_output
 from surgery.parser import parse
@@ -36,8 +37,13 @@ class Program:
             self._checked = check(self.ast, self.source)
         return self._checked
 
-    def plan(self, model: str | nn.Module | LoadedModel | None = None) -> Plan:
+    def plan(self, model: str | nn.Module | LoadedModel | None = None, *,
+             trust_remote_code: bool = False) -> Plan:
         """Bind to a model (default: the script's model, as a weightless skeleton)."""
+        with remote_code(trust_remote_code):
+            return self._plan(model)
+
+    def _plan(self, model) -> Plan:
         checked = self.check()
         # A structural skeleton (no model code imported) serves unless a pass's plan-time checks
         # run the model's forward.
@@ -51,7 +57,12 @@ class Program:
         for name, decl in checked.models.items():
             if checked.subject is not None and name == checked.subject.name:
                 continue
-            others[name] = load_skeleton(decl.source, structural=structural).model
+            try:
+                others[name] = load_skeleton(decl.source, structural=structural).model
+            except SurgeryError as e:  # locate it at its own declaration
+                for d in e.diagnostics:
+                    d.span, d.source = d.span or decl.span, checked.source
+                raise SurgeryError(e.diagnostics) from None
         plan = bind(checked, subject.model, subject_source=subject.source,
                     skeleton=subject.is_skeleton,
                     models={**({checked.subject.name: subject.model} if checked.subject else {}),
@@ -62,7 +73,8 @@ class Program:
 
     def apply(self, model: str | nn.Module | LoadedModel | None = None, *, seed: int = 0,
               output: str | Path | None = None, progress: Progress | None = None,
-              trust_pickle: bool = False, inplace: bool = False) -> Result:
+              trust_pickle: bool = False, inplace: bool = False,
+              trust_remote_code: bool = False) -> Result:
         """Run the script on ``model`` (default: load the script's model) and return the new
         model in ``Result.model``. A module you pass in is copied first and never modified,
         unless ``inplace=True`` (no copy: less memory, and your module is edited). Outputs are
@@ -72,11 +84,13 @@ class Program:
             model = copy.deepcopy(model)
         elif not inplace and isinstance(model, LoadedModel):
             model = dataclasses.replace(model, model=copy.deepcopy(model.model))
-        subject = subject_for(checked, model, skeleton=False, trust_pickle=trust_pickle)
+        with remote_code(trust_remote_code):
+            subject = subject_for(checked, model, skeleton=False, trust_pickle=trust_pickle)
         runner = Runner(checked, seed=seed, progress=progress, trust_pickle=trust_pickle)
         out = str(output) if output is not None else None
         try:
-            return runner.run(subject, output=out)
+            with remote_code(trust_remote_code):
+                return runner.run(subject, output=out)
         finally:
             release_output(out or checked.save_path)  # the runner's claim on the output
 
@@ -91,11 +105,9 @@ def compile(text_or_path: str | Path) -> Program:
     p = Path(text_or_path) if not isinstance(text_or_path, Path) else text_or_path
     if isinstance(text_or_path, Path) or (
             "\n" not in str(text_or_path) and str(text_or_path).endswith(".surg")):
-        from surgery.diagnostics import error
+        from surgery.scriptfile import read_script
 
-        if not p.exists():
-            raise error("E0602", f"script `{p}` does not exist")
-        return Program(p.read_text(), str(p))
+        return Program(read_script(p), str(p))
     return Program(str(text_or_path))
 
 

@@ -99,10 +99,16 @@ def text_file(tokenizer, path: str | Path, *, samples: int = 64, seqlen: int = 2
     p = Path(path)
     if not p.exists():
         raise error("E0602", f"text file `{path}` does not exist")
+    if not p.is_file():
+        raise error("E0700", f"`{path}` is {'a directory' if p.is_dir() else 'not a regular file'}, "
+                             "not a text file", help="text(...) reads one UTF-8 file")
     try:
         text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise error("E0700", f"`{path}` is not UTF-8 text")
+    except UnicodeDecodeError as e:
+        raise error("E0700", f"`{path}` is not UTF-8 text (byte {e.start} cannot be decoded)",
+                    help="convert the file to UTF-8") from None
+    except OSError as e:
+        raise error("E0700", f"cannot read `{path}`: {e.strerror}") from None
     ids = tokenize_stream(tokenizer, text)
     return split_stream(ids, name=name, samples=samples, seqlen=seqlen, seed=seed,
                         eval_windows=eval_windows, description=f"text(\"{path}\")")
