@@ -38,6 +38,10 @@ def estimated_bytes(model: nn.Module) -> int:
     return total
 
 
+def _writable(directory: Path) -> bool:
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
 def _free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
@@ -73,7 +77,7 @@ def output_problem(path: str, model: nn.Module | None = None) -> tuple[str, str,
             return ("E0802", f"refusing to replace `{path}`: it is a non-empty directory that "
                              "surgery did not write", "choose a new output path or remove it first")
     parent = existing if existing != absolute else absolute.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _writable(parent):
         return ("E0802", f"cannot write to `{parent}` (permission denied or read-only)",
                 "choose an output path in a writable directory")
     if model is not None:
