@@ -46,6 +46,7 @@ NO_EXCHANGE_ENV = "SURGERY_NO_RENAME_EXCHANGE"
 _notes: list[str] = []
 _held: dict[Path, "OutputLock"] = {}
 _held_guard = threading.Lock()
+published: list[Path] = []  # outputs this process has put in place (an interrupt report names them)
 
 
 def take_notes() -> list[str]:
@@ -56,7 +57,7 @@ def take_notes() -> list[str]:
 
 
 def _note(message: str) -> None:
-    log.warning(message)
+    log.info(message)
     _notes.append(message)
 
 
@@ -227,9 +228,14 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def _pause() -> None:
+def _pause(stage: str) -> None:
+    """Test hook: announce ``stage`` on stderr and sleep, so a test can kill the process inside
+    the publish window (inactive unless SURGERY_TEST_SWAP_PAUSE is set)."""
     seconds = os.environ.get(PAUSE_ENV)
     if seconds:
+        import sys
+
+        print(f"surgery-test-pause {stage}", file=sys.stderr, flush=True)
         time.sleep(float(seconds))
 
 
@@ -250,21 +256,26 @@ def _signals_held() -> Iterator[None]:
 
 def _publish(tmp: Path, final: Path) -> None:
     with _signals_held():
-        if not os.path.lexists(final) or not final.is_dir() or not tmp.is_dir():
-            _pause()
-            os.replace(tmp, final)
-            return
-        _pause()
-        if exchange(tmp, final):
-            _pause()
-            _remove(tmp)  # now the old artifact
-            return
-        # Fallback: two renames; recover() repairs a kill between them.
-        old = final.parent / f".{final.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
-        os.replace(final, old)
-        _pause()
+        _publish_now(tmp, final)
+        published.append(final)
+
+
+def _publish_now(tmp: Path, final: Path) -> None:
+    if not os.path.lexists(final) or not final.is_dir() or not tmp.is_dir():
+        _pause("rename")
         os.replace(tmp, final)
-        _remove(old)
+        return
+    _pause("publish")
+    if exchange(tmp, final):
+        _pause("exchanged")
+        _remove(tmp)  # now the old artifact
+        return
+    # Fallback: two renames; recover() repairs a kill between them.
+    old = final.parent / f".{final.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
+    os.replace(final, old)
+    _pause("between-renames")
+    os.replace(tmp, final)
+    _remove(old)
 
 
 def _private_tmp(final: Path, *, directory: bool) -> Path:

@@ -43,5 +43,11 @@ def describe(e: BaseException) -> str:
     name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
     doing = progress.current_activity()
     where = f" while {doing}" if doing else ""
+    from surgery import atomic
+
+    done = [str(p) for p in atomic.published]
+    if done:  # a signal held back during a publish step lands after it
+        return (f"interrupted by {name}{where}; already written: {', '.join(done)}; nothing else "
+                "was written, and temporary files were removed")
     return (f"interrupted by {name}{where}; no output was written or replaced, and temporary "
             "files were removed")
