@@ -312,6 +312,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp = _private_tmp(final, directory=True)
         try:
             yield tmp
+            _pause("written")  # signals are not held yet: an interrupt here discards tmp
             _publishable(tmp)
             _publish(tmp, final)
         except BaseException:

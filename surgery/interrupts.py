@@ -41,7 +41,7 @@ def exit_code(e: BaseException) -> int:
 
 def describe(e: BaseException) -> str:
     name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-    doing = progress.current_activity()
+    doing = progress.interrupted_activity() or progress.current_activity()
     where = f" while {doing}" if doing else ""
     from surgery import atomic
 

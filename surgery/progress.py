@@ -23,12 +23,21 @@ def current_activity() -> str | None:
     return stack[-1] if stack else None
 
 
+def interrupted_activity() -> str | None:
+    """The innermost task an interrupt (KeyboardInterrupt, SIGTERM) unwound, once."""
+    return _activity.__dict__.pop("interrupted", None)
+
+
 @contextlib.contextmanager
 def _running(description: str) -> Iterator[None]:
     stack = _activity.__dict__.setdefault("stack", [])
     stack.append(description)
     try:
         yield
+    except KeyboardInterrupt:
+        # The innermost task unwinds first; remember it for the interrupt message.
+        _activity.__dict__.setdefault("interrupted", description)
+        raise
     finally:
         stack.pop()
 
