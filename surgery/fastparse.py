@@ -22,7 +22,7 @@ import re
 
 from surgery import ast
 from surgery import parser as _parser  # noqa: E402 - circular, used only at call time
-from surgery.source import SourceFile, Span
+from surgery.source import SourceFile, Span, _span
 
 FAST_DEPTH = 40  # deeper nesting goes to lark (iterative there), never to Python's recursion limit
 
@@ -45,6 +45,28 @@ _TOKEN = re.compile(r"""
   | (?P<compare><=|>=|==|<|>)
   | (?P<punct>[()\[\],=:%|&+\-*/])
 """, re.VERBOSE)
+
+
+def _new(cls, **fields):
+    """An AST node without pydantic validation: every field is given, of the right type, by the
+    code below (the lark path builds the same nodes validated; tests compare the two)."""
+    obj = object.__new__(cls)
+    values = {}
+    for name, default in _DEFAULTS[cls].items():  # in declaration order, as pydantic keeps them
+        values[name] = fields[name] if name in fields else (
+            list(default) if isinstance(default, list) else default)
+    object.__setattr__(obj, "__dict__", values)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
+
+
+_DEFAULTS = {cls: {name: (None if f.is_required() else f.default)
+                   for name, f in cls.model_fields.items()}
+             for cls in (ast.Name, ast.String, ast.Number, ast.Bool, ast.Ratio, ast.Percent,
+                     ast.ListExpr, ast.Keyword, ast.Call, ast.Neg, ast.VersionStmt, ast.ModelStmt,
+                     ast.DataStmt, ast.LetStmt, ast.ExpectStmt, ast.Clause, ast.VerbStmt)}
 
 
 class Fallback(Exception):
@@ -74,6 +96,9 @@ class _Parser:
         self.number_limit = number_limit
         self.chain = chain  # parser._chain_binop: the same |/& chaining as the lark path
         self.depth = 0
+        self.one_line = "\n" not in piece
+        self.line0, col = src.position(base)
+        self.col0 = col  # column of piece offset 0
 
     # -- helpers
     def peek(self):
@@ -91,6 +116,9 @@ class _Parser:
         return t
 
     def span(self, start: int, end: int) -> Span:
+        if self.one_line:  # most statements: one line, so only the column moves
+            line, col0 = self.line0, self.col0
+            return _span(line, col0 + start, line, col0 + end, self.base + start, self.base + end)
         return self.src.span_at(self.base + start, self.base + end)
 
     def name_token(self):
@@ -122,8 +150,8 @@ class _Parser:
             operand = _finish(operand)
             span = self.span(t[2], oe)
             if isinstance(operand, ast.Number):
-                return ast.Number(value=-operand.value, text="-" + operand.text, span=span), t[2], oe
-            return ast.Neg(operand=operand, span=span), t[2], oe
+                return _new(ast.Number, value=-operand.value, text="-" + operand.text, span=span), t[2], oe
+            return _new(ast.Neg, operand=operand, span=span), t[2], oe
         return self.atom()
 
     def enter(self):
@@ -147,25 +175,25 @@ class _Parser:
                 a, b = self.number_text(t), self.number_text(m)
                 if not (a.isdigit() and b.isdigit()):
                     raise Fallback
-                return ast.Ratio(n=int(a), m=int(b), span=self.span(s, m[3])), s, m[3]
+                return _new(ast.Ratio, n=int(a), m=int(b), span=self.span(s, m[3])), s, m[3]
             value = float(self.number_text(t))
             if not math.isfinite(value):
                 raise Fallback
             if nxt[0] == "punct" and nxt[1] == "%":
                 self.i += 1
-                return ast.Percent(value=value, text=text, span=self.span(s, nxt[3])), s, nxt[3]
-            return ast.Number(value=value, text=text, span=self.span(s, e)), s, e
+                return _new(ast.Percent, value=value, text=text, span=self.span(s, nxt[3])), s, nxt[3]
+            return _new(ast.Number, value=value, text=text, span=self.span(s, e)), s, e
         if kind == "string":
-            return ast.String(value=_parser.string_value(text), span=self.span(s, e)), s, e
+            return _new(ast.String, value=_parser.string_value(text), span=self.span(s, e)), s, e
         if kind == "word":
             if text in ("true", "false"):
-                return ast.Bool(value=text == "true", span=self.span(s, e)), s, e
+                return _new(ast.Bool, value=text == "true", span=self.span(s, e)), s, e
             if text in RESERVED:
                 raise Fallback
             nxt = self.peek()
             if nxt[0] == "punct" and nxt[1] == "(":
                 return self.call(t)
-            return ast.Name(id=text, span=self.span(s, e)), s, e
+            return _new(ast.Name, id=text, span=self.span(s, e)), s, e
         if kind == "punct" and text == "(":
             self.enter()
             inner, is_, ie = self.expr()
@@ -186,7 +214,7 @@ class _Parser:
                     raise Fallback
             close = self.take()
             self.depth -= 1
-            return ast.ListExpr(items=items, span=self.span(s, close[3])), s, close[3]
+            return _new(ast.ListExpr, items=items, span=self.span(s, close[3])), s, close[3]
         raise Fallback
 
     def call(self, name_tok):
@@ -200,7 +228,7 @@ class _Parser:
                     raise Fallback
                 self.i += 2
                 value, _, _ = self.expr()
-                kwargs.append(ast.Keyword(name=t[1], value=_finish(value),
+                kwargs.append(_new(ast.Keyword, name=t[1], value=_finish(value),
                                           span=self.span(t[2], t[3])))
             else:
                 if kwargs:
@@ -214,7 +242,7 @@ class _Parser:
         close = self.take()
         self.depth -= 1
         s = name_tok[2]
-        return ast.Call(func=name_tok[1], func_span=self.span(s, name_tok[3]), args=args,
+        return _new(ast.Call, func=name_tok[1], func_span=self.span(s, name_tok[3]), args=args,
                         kwargs=kwargs, span=self.span(s, close[3])), s, close[3]
 
     def full_expr(self):
@@ -230,34 +258,34 @@ class _Parser:
             t = self.expect("number")
             if not t[1].isdigit() or len(t[1]) > self.number_limit:
                 raise Fallback
-            return self.done(ast.VersionStmt(version=int(t[1]), span=self.span(s, t[3])))
+            return self.done(_new(ast.VersionStmt, version=int(t[1]), span=self.span(s, t[3])))
         if word in ("model", "data", "let"):
             name = self.name_token()
             self.expect("punct", "=")
             value, _, ve = self.full_expr()
             span, name_span = self.span(s, ve), self.span(name[2], name[3])
             if word == "model":
-                node = ast.ModelStmt(name=name[1], name_span=name_span, source=value, span=span)
+                node = _new(ast.ModelStmt, name=name[1], name_span=name_span, source=value, span=span)
             elif word == "data":
-                node = ast.DataStmt(name=name[1], name_span=name_span, source=value, span=span)
+                node = _new(ast.DataStmt, name=name[1], name_span=name_span, source=value, span=span)
             else:
-                node = ast.LetStmt(name=name[1], name_span=name_span, value=value, span=span)
+                node = _new(ast.LetStmt, name=name[1], name_span=name_span, value=value, span=span)
             return self.done(node)
         if word == "expect":
             left, _, _ = self.full_expr()
             op = self.expect("compare")
             right, _, re_ = self.full_expr()
-            return self.done(ast.ExpectStmt(left=left, op=op[1], right=right,
+            return self.done(_new(ast.ExpectStmt, left=left, op=op[1], right=right,
                                             span=self.span(s, re_)))
         if word == "export":  # export_stmt: EXPORT (name | call) string
             t = self.name_token()
             if self.peek()[0] == "punct" and self.peek()[1] == "(":
                 what, _, _ = self.call(t)
             else:
-                what = ast.Name(id=t[1], span=self.span(t[2], t[3]))
+                what = _new(ast.Name, id=t[1], span=self.span(t[2], t[3]))
             path = self.expect("string")
-            node = ast.String(value=_parser.string_value(path[1]), span=self.span(path[2], path[3]))
-            return self.done(ast.VerbStmt(verb="export", verb_span=self.span(s, e),
+            node = _new(ast.String, value=_parser.string_value(path[1]), span=self.span(path[2], path[3]))
+            return self.done(_new(ast.VerbStmt, verb="export", verb_span=self.span(s, e),
                                           operands=[what, node], span=self.span(s, path[3])))
         if word in VERB_WORDS:
             return self.done(self.verb(word, s, e))
@@ -281,14 +309,14 @@ class _Parser:
         while self.peek()[0] == "word" and self.peek()[1] in PREP_WORDS:
             prep = self.take()
             ops, last = self.operands()
-            clauses.append(ast.Clause(prep=prep[1], operands=ops, span=self.span(prep[2], last)))
+            clauses.append(_new(ast.Clause, prep=prep[1], operands=ops, span=self.span(prep[2], last)))
         if self.peek()[0] == "word" and self.peek()[1] == "using":
             self.i += 1
             name = self.name_token()
             if not (self.peek()[0] == "punct" and self.peek()[1] == "("):
                 raise Fallback
             using, _, last = self.call(name)
-        return ast.VerbStmt(verb=word, verb_span=self.span(s, e), operands=operands,
+        return _new(ast.VerbStmt, verb=word, verb_span=self.span(s, e), operands=operands,
                             clauses=clauses, using=using, span=self.span(s, last))
 
     def done(self, node):
