@@ -2,7 +2,9 @@
 
 from setuptools import find_packages, setup
 
-MAPPED = {"grammar": "grammar", "passes": "passes", "backends": "backends"}
+# docs/errors holds the long explanation of every diagnostic code (`surgery explain E0500`).
+MAPPED = {"grammar": "grammar", "passes": "passes", "backends": "backends",
+          "errordocs": "docs/errors"}
 
 packages = ["surgery"] + [f"surgery.{p}" for p in find_packages("surgery")]
 package_dir = {"surgery": "surgery"}

@@ -1,12 +1,12 @@
 """Built-in passes, one package per family. Importing a family registers its passes."""
 
-import importlib
+# Plain imports: every family ships in the package, so a missing or misspelled one is an error.
+from surgery.passes import quantize  # noqa: F401  (order: families that others build on first)
+from surgery.passes import prune  # noqa: F401
+from surgery.passes import adapters  # noqa: F401
+from surgery.passes import merge  # noqa: F401
+from surgery.passes import attention  # noqa: F401
+from surgery.passes import lower  # noqa: F401
+from surgery.passes import export  # noqa: F401
 
 FAMILIES = ["quantize", "prune", "adapters", "merge", "attention", "lower", "export"]
-
-for _family in FAMILIES:
-    try:
-        importlib.import_module(f"{__name__}.{_family}")
-    except ModuleNotFoundError as _e:  # a family not written yet
-        if _e.name != f"{__name__}.{_family}":
-            raise

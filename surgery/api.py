@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from surgery import ast
 from surgery.binder import Plan, bind
-from surgery.checker import CheckedProgram, check
+from surgery.check import CheckedProgram, check
 from surgery.diagnostics import SurgeryError
 from surgery.models import LoadedModel, remote_code
 from surgery.outputs import check_output
@@ -28,7 +28,7 @@ class Program:
         self.text = text
         self.name = name
         self.source = SourceFile(text, name)
-        self.ast: ast.Program = parse(text, name)
+        self.ast: ast.ScriptNode = parse(text, name)
         self._checked: CheckedProgram | None = None
 
     def check(self) -> CheckedProgram:

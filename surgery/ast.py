@@ -149,13 +149,13 @@ class ExpectStmt(Node):
 
 class Clause(Node):
     kind: Literal["clause"] = "clause"
-    prep: Literal["to", "in", "for", "with", "into"]
+    prep: str  # a preposition of the verb table (surgery/verbs.py)
     operands: list[Expr]
 
 
 class VerbStmt(Node):
     kind: Literal["verb"] = "verb"
-    verb: Literal["prune", "quantize", "swap", "adapt", "merge", "lower", "export", "save"]
+    verb: str  # a verb of the verb table (surgery/verbs.py)
     verb_span: Span = Field(default=NO_SPAN, repr=False)
     operands: list[Expr] = []
     clauses: list[Clause] = []
@@ -171,14 +171,16 @@ class VerbStmt(Node):
 Stmt = Union[VersionStmt, ModelStmt, DataStmt, LetStmt, ExpectStmt, VerbStmt]
 
 
-class Program(Node):
-    kind: Literal["program"] = "program"
+class ScriptNode(Node):
+    """The root of a parsed script (``surgery.Program`` is the compiled, checkable script)."""
+
+    kind: Literal["script"] = "script"
     statements: list[Stmt] = []
 
-    def same_as(self, other: "Program") -> bool:
+    def same_as(self, other: "ScriptNode") -> bool:
         return self.structure() == other.structure()
 
 
 for _cls in (ListExpr, Keyword, Call, BinOp, Neg, ModelStmt, DataStmt, LetStmt, ExpectStmt, Clause,
-             VerbStmt, Program):
+             VerbStmt, ScriptNode):
     _cls.model_rebuild()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from surgery.checker import CheckedProgram, Step
+from surgery.check import CheckedProgram, Step
 from surgery.diagnostics import Diagnostic, Label, SurgeryError
 from surgery.passapi import MachineProblem, ModelPass, ModulePass, ShapeProblem, State
 from surgery.selectors import resolve

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from surgery import ast
+from surgery import ast, verbs
 from surgery.parser import parse
 from surgery.printer import to_text
 
@@ -78,42 +78,79 @@ class Script:
         self._names.add(name)
         return self._add(f"let {name} = {self._sel(selector)}")
 
+    def statement(self, verb: str, *head: str, **kw) -> "Script":
+        """Any statement of the verb table: ``head`` fills the operands, keywords named after a
+        preposition (``to``, ``in_``, ``for_``, ``with_``, ``into``, ``using``) fill clauses, and
+        the remaining keywords are the method's parameters."""
+        spec = verbs.form_for(verb, head[0] if head else None)
+        method_at = spec.method_part()
+        params = {k: v for k, v in kw.items() if k.rstrip("_") not in (*spec.clauses, "using")}
+        words = [verb]
+        if spec.head is not None and head:
+            words.append(self._part(spec.head, head, params if method_at and method_at[0] == "" else {}))
+        if spec.head_then_path:
+            words.append(self._value(head[1]))
+        for prep, part in spec.clauses.items():
+            value = kw.get(prep, kw.get(prep + "_"))
+            if value is not None:
+                mine = params if method_at and method_at[0] == prep else {}
+                words.append(f"{prep} {self._part(part, value, mine)}")
+        using = kw.get("using")
+        if spec.using is not None and spec.using.slot is verbs.Slot.OPTIONS and params:
+            using = next(kw.get(p, kw.get(p + "_")) for p, part in spec.clauses.items()
+                         if part.slot is verbs.Slot.METHOD)
+        if using is not None:
+            words.append(f"using {self._call(using, params)}")
+        return self._add(" ".join(words))
+
+    def _part(self, part: verbs.Part, value, params: dict[str, Any]) -> str:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if part.slot is verbs.Slot.SELECTOR:
+            return self._sel(items[0])
+        if part.slot is verbs.Slot.METHOD:
+            return self._call(items[0], params) if params else str(items[0])
+        if part.slot is verbs.Slot.PATH:
+            return self._value(items[0])
+        return ", ".join(str(x) for x in items)
+
+    def __getattr__(self, verb: str):
+        """Verbs added to the table later (plugins) get a builder method too."""
+        if verb.startswith("_") or verb not in verbs.verb_names():
+            raise AttributeError(verb)
+        return lambda *head, **kw: self.statement(verb, *head, **kw)
+
     def quantize(self, selector: str, *, to: str, using: str | None = None, **kw) -> "Script":
-        tail = f" using {self._call(using, kw)}" if using else ""
-        return self._add(f"quantize {self._sel(selector)} to {to}{tail}")
+        return self.statement("quantize", selector, to=to, using=using, **kw)
 
     def prune(self, selector: str, *, to: str, using: str | None = None, **kw) -> "Script":
-        tail = f" using {self._call(using, kw)}" if using else ""
-        return self._add(f"prune {self._sel(selector)} to {to}{tail}")
+        return self.statement("prune", selector, to=to, using=using, **kw)
 
     def adapt(self, selector: str, *, with_: str, **kw) -> "Script":
-        return self._add(f"adapt {self._sel(selector)} with {self._call(with_, kw)}")
+        return self.statement("adapt", selector, with_=with_, **kw)
 
     def swap(self, op: str, *, in_: str, for_: str, **kw) -> "Script":
-        return self._add(f"swap {op} in {self._sel(in_)} for {self._call(for_, kw)}")
+        return self.statement("swap", op, in_=in_, for_=for_, **kw)
 
     def merge(self, *models: str, using: str, into: str | None = None, **kw) -> "Script":
-        into_ = f" into {into}" if into else ""
-        return self._add(f"merge {', '.join(models)}{into_} using {self._call(using, kw)}")
+        return self.statement("merge", *models, into=into, using=using, **kw)
 
     def merge_adapters(self, in_: str | None = None) -> "Script":
-        return self._add("merge adapters" + (f" in {self._sel(in_)}" if in_ else ""))
+        return self.statement("merge", "adapters", in_=in_)
 
-    def lower(self, *ops: str, to: str = "triton", in_: str | None = None) -> "Script":
-        return self._add(f"lower {', '.join(ops)} to {to}" + (f" in {self._sel(in_)}" if in_ else ""))
+    def lower(self, *ops: str, to: str = "triton", in_: str | None = None, **kw) -> "Script":
+        return self.statement("lower", *ops, to=to, in_=in_, **kw)
 
     def expect(self, condition: str) -> "Script":
         return self._add(f"expect {condition}")
 
     def export(self, fmt: str, path: str, **kw) -> "Script":
-        head = self._call(fmt, kw) if kw else fmt
-        return self._add(f"export {head} {self._value(path)}")
+        return self.statement("export", fmt, path, **kw)
 
     def save(self, path: str) -> "Script":
-        return self._add(f"save {self._value(path)}")
+        return self.statement("save", path)
 
     # outputs
-    def program(self) -> ast.Program:
+    def program(self) -> ast.ScriptNode:
         return parse(self.to_text())
 
     def to_text(self) -> str:

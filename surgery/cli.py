@@ -17,7 +17,10 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from surgery import __version__
+
     p = argparse.ArgumentParser(prog="surgery", description="Declarative model surgery for PyTorch")
+    p.add_argument("--version", action="version", version=f"surgery {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def script_cmd(name, help_):
@@ -37,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", help="save the result here (overrides the script's save)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ep = sub.add_parser("explain", help="explain a diagnostic code, e.g. `surgery explain E0500`")
+    ep.add_argument("code", help="a code such as E0500")
     pp = sub.add_parser("passes", help="list registered passes and their parameters")
     pp.add_argument("--schema", action="store_true", help="print the JSON schema of every pass")
     return p
@@ -172,6 +177,19 @@ def cmd_passes(args, console) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args, console) -> int:
+    from surgery.diagnostics import CODES, did_you_mean, explanation
+
+    text = explanation(args.code)
+    if text is None:
+        hint = did_you_mean(args.code.upper(), CODES) or "codes look like E0500; `surgery explain` " \
+            "knows " + ", ".join(sorted(CODES))
+        print(f"error: no diagnostic code `{args.code}`; {hint}", file=sys.stderr)
+        return EXIT_USER
+    print(text, end="" if text.endswith("\n") else "\n")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -179,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True, soft_wrap=True)
     handler = {"check": cmd_check, "plan": cmd_plan, "apply": cmd_apply,
-               "passes": cmd_passes}[args.command]
+               "passes": cmd_passes, "explain": cmd_explain}[args.command]
     from surgery import atomic, interrupts
 
     try:

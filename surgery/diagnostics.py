@@ -7,6 +7,7 @@ Every user mistake becomes a :class:`Diagnostic`; a batch of them is raised as o
 from __future__ import annotations
 
 import difflib
+import enum
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -23,13 +24,16 @@ class Label:
 
 @dataclass
 class Diagnostic:
-    code: str
+    code: Code  # a plain "E0500" string is accepted and checked against the catalogue
     message: str
     span: Span | None = None
     help: str | None = None
     labels: list[Label] = field(default_factory=list)
     severity: str = "error"
     source: SourceFile | None = None  # filled in by the compiler before rendering
+
+    def __post_init__(self):
+        self.code = Code(self.code)  # an uncatalogued code is a bug: fail where it is raised
 
     def to_json(self) -> dict:
         def loc(span: Span | None) -> dict | None:
@@ -39,7 +43,7 @@ class Diagnostic:
                     "end_column": span.end_col}
 
         return {
-            "code": self.code,
+            "code": self.code.value,
             "severity": self.severity,
             "message": self.message,
             "file": self.source.name if self.source else None,
@@ -100,15 +104,22 @@ class SurgeryError(Exception):
             parts.append(f"error: aborting due to {n} previous errors")
         return "\n\n".join(parts)
 
-    def with_source(self, source: SourceFile) -> "SurgeryError":
+    def with_source(self, source: SourceFile, span: Span | None = None) -> "SurgeryError":
+        """The same error with ``source`` (and ``span`` where a diagnostic has none) filled in."""
         for d in self.diagnostics:
-            if d.source is None:
-                d.source = source
+            d.source = d.source or source
+            d.span = d.span or span
         return SurgeryError(self.diagnostics)
 
     @property
     def codes(self) -> list[str]:
         return [d.code for d in self.diagnostics]
+
+
+def attach_source(err: SurgeryError, source: SourceFile, span: Span | None = None) -> SurgeryError:
+    """Give every diagnostic of ``err`` a source file (and a default span): one helper for every
+    stage that re-raises an error from a lower layer at the statement that caused it."""
+    return err.with_source(source, span)
 
 
 def error(code: str, message: str, span: Span | None = None, *, help: str | None = None,
@@ -133,49 +144,133 @@ def did_you_mean(word: str, candidates: Iterable[str], *, listing: str | None = 
     return " ".join(parts) or None
 
 
-# The catalogue of diagnostic codes. docs/language.md documents each with an example; a test
-# checks that every code raised somewhere is listed here.
-CODES: dict[str, str] = {
+# The catalogue of diagnostic codes: one meaning per code, a short title here and a long
+# explanation in docs/errors/EXXXX.md (`surgery explain EXXXX`). A test checks that every code
+# raised anywhere is in this enum and has its explanation.
+class Code(str, enum.Enum):
     # syntax
-    "E0100": "syntax error",
-    "E0101": "unknown statement keyword",
-    "E0102": "unterminated string",
-    "E0103": "unsupported language version",
-    # names and declarations
-    "E0200": "undefined name",
-    "E0201": "unknown method",
-    "E0202": "name declared twice",
-    "E0203": "no registered pass for this verb",
-    "E0204": "unknown selector function",
-    "E0205": "no subject model",
-    "E0206": "unknown data source",
-    "E0207": "wrong kind of value",
-    "E0208": "missing clause",
-    "E0209": "unexpected clause",
-    "E0210": "unknown metric",
+    E0100 = "E0100"
+    E0101 = "E0101"
+    E0102 = "E0102"
+    E0103 = "E0103"
+    E0104 = "E0104"
+    E0105 = "E0105"
+    E0106 = "E0106"
+    # names, declarations and statement shapes
+    E0200 = "E0200"
+    E0201 = "E0201"
+    E0202 = "E0202"
+    E0203 = "E0203"
+    E0204 = "E0204"
+    E0205 = "E0205"
+    E0206 = "E0206"
+    E0207 = "E0207"
+    E0208 = "E0208"
+    E0209 = "E0209"
+    E0210 = "E0210"
+    E0211 = "E0211"
+    E0212 = "E0212"
+    E0213 = "E0213"
+    E0214 = "E0214"
     # parameters
-    "E0300": "unknown parameter",
-    "E0301": "invalid parameter value",
-    "E0302": "missing required parameter",
-    "E0303": "invalid sparsity or format",
+    E0300 = "E0300"
+    E0301 = "E0301"
+    E0302 = "E0302"
+    E0303 = "E0303"
+    E0304 = "E0304"
     # selectors and binding
-    "E0400": "selector matches nothing",
-    "E0401": "selected module cannot take this pass",
-    "E0402": "shape or divisibility error",
-    "E0403": "invalid glob or regular expression",
+    E0400 = "E0400"
+    E0401 = "E0401"
+    E0402 = "E0402"
+    E0403 = "E0403"
+    E0404 = "E0404"
     # state order
-    "E0500": "illegal order of passes",
+    E0500 = "E0500"
     # models and files
-    "E0600": "model cannot be loaded",
-    "E0601": "pickle file refused",
-    "E0602": "file not found",
-    "E0603": "corrupt checkpoint",
-    "E0604": "models are incompatible",
+    E0600 = "E0600"
+    E0601 = "E0601"
+    E0602 = "E0602"
+    E0603 = "E0603"
+    E0604 = "E0604"
+    E0605 = "E0605"
+    E0606 = "E0606"
     # data
-    "E0700": "data cannot be loaded",
-    # run and expectations
-    "E0800": "expectation failed",
-    "E0801": "pass failed",
-    "E0802": "output path problem",
-    "E0803": "backend unavailable",
+    E0700 = "E0700"
+    # run, expectations and outputs
+    E0800 = "E0800"
+    E0801 = "E0801"
+    E0802 = "E0802"
+    E0803 = "E0803"
+    E0804 = "E0804"
+    E0805 = "E0805"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def title(self) -> str:
+        return TITLES[self]
+
+
+TITLES: dict[Code, str] = {
+    Code.E0100: "syntax error",
+    Code.E0101: "unknown statement keyword",
+    Code.E0102: "unterminated string",
+    Code.E0103: "unsupported language version",
+    Code.E0104: "expression nested too deeply",
+    Code.E0105: "number out of range",
+    Code.E0106: "script is not UTF-8 text",
+    Code.E0200: "undefined name",
+    Code.E0201: "unknown method",
+    Code.E0202: "declared or given twice",
+    Code.E0203: "no registered pass for this verb",
+    Code.E0204: "unknown selector function",
+    Code.E0205: "no subject model",
+    Code.E0206: "unknown data source",
+    Code.E0207: "statement does not fit its verb's form",
+    Code.E0208: "missing clause",
+    Code.E0209: "unexpected clause or misplaced statement",
+    Code.E0210: "unknown metric",
+    Code.E0211: "wrong kind of value",
+    Code.E0212: "wrong number of arguments",
+    Code.E0213: "positional argument where key=value is expected",
+    Code.E0214: "bound cannot be evaluated",
+    Code.E0300: "unknown parameter",
+    Code.E0301: "invalid parameter value",
+    Code.E0302: "missing required parameter",
+    Code.E0303: "invalid sparsity or format",
+    Code.E0304: "parameter given twice",
+    Code.E0400: "selector matches nothing",
+    Code.E0401: "selected module cannot take this pass",
+    Code.E0402: "shape or divisibility error",
+    Code.E0403: "invalid or unsafe glob or regular expression",
+    Code.E0404: "regular expression too slow to match",
+    Code.E0500: "illegal order of passes",
+    Code.E0600: "model cannot be loaded",
+    Code.E0601: "pickle file refused",
+    Code.E0602: "file not found",
+    Code.E0603: "corrupt checkpoint",
+    Code.E0604: "models are incompatible",
+    Code.E0605: "model needs remote code",
+    Code.E0606: "unknown model type or architecture",
+    Code.E0700: "data cannot be loaded",
+    Code.E0800: "expectation failed",
+    Code.E0801: "pass failed",
+    Code.E0802: "output path problem",
+    Code.E0803: "backend unavailable",
+    Code.E0804: "output locked by another run",
+    Code.E0805: "not enough disk space for the output",
 }
+
+# Kept for callers that want code -> title as plain strings.
+CODES: dict[str, str] = {c.value: t for c, t in TITLES.items()}
+
+
+def explanation(code: str) -> str | None:
+    """The long explanation of ``code`` (docs/errors/CODE.md, shipped as surgery.errordocs)."""
+    from importlib import resources
+
+    try:
+        return resources.files("surgery.errordocs").joinpath(f"{Code(code.upper())}.md").read_text()
+    except (ValueError, FileNotFoundError, ModuleNotFoundError):
+        return None

@@ -26,6 +26,7 @@ from surgery import registry
 from surgery.atomic import atomic_dir
 from surgery.diagnostics import error
 from surgery.passapi import replace_module
+from surgery.tying import tied_names
 
 MANIFEST = "surgery.json"
 WEIGHTS = "model.safetensors"
@@ -49,17 +50,9 @@ def versions() -> dict[str, str]:
 def split_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict with tensors that share storage stored once; alias -> canonical name."""
     state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    owner: dict[tuple, str] = {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-               t.dtype) if t.device.type != "meta" else (name,)
-        if key in owner and t.numel() > 0:
-            aliases[name] = owner[key]
-            continue
-        owner[key] = name
-        tensors[name] = t.detach().contiguous().clone() if not t.is_contiguous() else t.detach()
+    aliases = tied_names(state)
+    tensors = {name: t.detach().contiguous().clone() if not t.is_contiguous() else t.detach()
+               for name, t in state.items() if name not in aliases}
     return tensors, aliases
 
 

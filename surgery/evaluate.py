@@ -8,23 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from surgery.modelcall import first_output, forward_ids
 from surgery.passapi import module_device
 
 
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    ids = ids.to(module_device(model))
-    out = model(input_ids=ids) if _takes_input_ids(model) else model(ids)
-    if hasattr(out, "logits"):
-        return out.logits
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-def _takes_input_ids(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model.config, "vocab_size")
+    return first_output(forward_ids(model, ids))
 
 
 @torch.no_grad()

@@ -20,21 +20,41 @@ from __future__ import annotations
 import math
 import re
 
-from surgery import ast
+from surgery import ast, verbs
 from surgery import parser as _parser  # noqa: E402 - circular, used only at call time
 from surgery.source import SourceFile, Span, _span
 
 FAST_DEPTH = 40  # deeper nesting goes to lark (iterative there), never to Python's recursion limit
 
-STATEMENT_WORDS = frozenset({"surgery", "model", "data", "let", "expect", "export"})
-VERB_WORDS = frozenset({"prune", "quantize", "swap", "adapt", "merge", "lower", "save"})
-PREP_WORDS = frozenset({"into", "in", "to", "for", "with"})
-# Words with keyword terminals of priority 3 in the grammar (VERB, EXPORT, PREP, USING, TRUE,
-# FALSE). lark's contextual lexer makes them keywords only where the parser state accepts one, which
-# this parser does not model: outside the places handled below they send the statement to lark.
-# The statement words (`model`, `data` ...) are keywords only at the start of a statement, and
-# names everywhere else (`wanda(data=calib)`), in lark as here.
-RESERVED = VERB_WORDS | PREP_WORDS | {"export", "using", "true", "false"}
+
+
+class _Words:
+    """Keyword sets of the current verb table (grammar/surgery.lark's VERB, PATH_VERB and PREP
+    terminals are built from the same table)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.verbs = frozenset(v.verb for v in table if not v.head_then_path)
+        self.path_verbs = frozenset(v.verb for v in table if v.head_then_path)
+        self.preps = frozenset(p for v in table for p in v.clauses)
+        # Words with keyword terminals of priority 3 in the grammar. lark's contextual lexer
+        # makes them keywords only where the parser state accepts one, which this parser does
+        # not model: outside the places handled below they send the statement to lark. The
+        # declaration words (`model`, `data` ...) are keywords only at the start of a statement,
+        # and names everywhere else (`wanda(data=calib)`), in lark as here.
+        self.reserved = self.verbs | self.path_verbs | self.preps | {"using", "true", "false"}
+
+
+_words: _Words | None = None
+
+
+def _current_words() -> _Words:
+    global _words
+    if _words is None or _words.table is not verbs.VERBS:
+        _words = _Words(verbs.VERBS)
+    return _words
+
+
 BINARY = {"|": 1, "&": 2, "+": 3, "-": 3, "*": 4, "/": 4}
 
 _TOKEN = re.compile(r"""
@@ -96,6 +116,7 @@ class _Parser:
         self.number_limit = number_limit
         self.chain = chain  # parser._chain_binop: the same |/& chaining as the lark path
         self.depth = 0
+        self.w = _current_words()
         self.one_line = "\n" not in piece
         self.line0, col = src.position(base)
         self.col0 = col  # column of piece offset 0
@@ -123,7 +144,7 @@ class _Parser:
 
     def name_token(self):
         t = self.expect("word")
-        if t[1] in RESERVED:
+        if t[1] in self.w.reserved:
             raise Fallback
         return t
 
@@ -188,7 +209,7 @@ class _Parser:
         if kind == "word":
             if text in ("true", "false"):
                 return _new(ast.Bool, value=text == "true", span=self.span(s, e)), s, e
-            if text in RESERVED:
+            if text in self.w.reserved:
                 raise Fallback
             nxt = self.peek()
             if nxt[0] == "punct" and nxt[1] == "(":
@@ -224,7 +245,7 @@ class _Parser:
         while not (self.peek()[0] == "punct" and self.peek()[1] == ")"):
             t, nxt = self.peek(), self.toks[self.i + 1]
             if t[0] == "word" and nxt[0] == "punct" and nxt[1] == "=":
-                if t[1] in RESERVED or any(k.name == t[1] for k in kwargs):
+                if t[1] in self.w.reserved or any(k.name == t[1] for k in kwargs):
                     raise Fallback
                 self.i += 2
                 value, _, _ = self.expr()
@@ -277,7 +298,7 @@ class _Parser:
             right, _, re_ = self.full_expr()
             return self.done(_new(ast.ExpectStmt, left=left, op=op[1], right=right,
                                             span=self.span(s, re_)))
-        if word == "export":  # export_stmt: EXPORT (name | call) string
+        if word in self.w.path_verbs:  # export_stmt: PATH_VERB (name | call) string
             t = self.name_token()
             if self.peek()[0] == "punct" and self.peek()[1] == "(":
                 what, _, _ = self.call(t)
@@ -285,9 +306,9 @@ class _Parser:
                 what = _new(ast.Name, id=t[1], span=self.span(t[2], t[3]))
             path = self.expect("string")
             node = _new(ast.String, value=_parser.string_value(path[1]), span=self.span(path[2], path[3]))
-            return self.done(_new(ast.VerbStmt, verb="export", verb_span=self.span(s, e),
+            return self.done(_new(ast.VerbStmt, verb=word, verb_span=self.span(s, e),
                                           operands=[what, node], span=self.span(s, path[3])))
-        if word in VERB_WORDS:
+        if word in self.w.verbs:
             return self.done(self.verb(word, s, e))
         raise Fallback
 
@@ -304,9 +325,9 @@ class _Parser:
     def verb(self, word: str, s: int, e: int):
         operands, clauses, using, last = [], [], None, e
         t = self.peek()
-        if t[0] != "end" and not (t[0] == "word" and t[1] in PREP_WORDS | {"using"}):
+        if t[0] != "end" and not (t[0] == "word" and (t[1] in self.w.preps or t[1] == "using")):
             operands, last = self.operands()
-        while self.peek()[0] == "word" and self.peek()[1] in PREP_WORDS:
+        while self.peek()[0] == "word" and self.peek()[1] in self.w.preps:
             prep = self.take()
             ops, last = self.operands()
             clauses.append(_new(ast.Clause, prep=prep[1], operands=ops, span=self.span(prep[2], last)))

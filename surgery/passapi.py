@@ -178,7 +178,9 @@ class Pass:
     consumes: ClassVar[frozenset[State]] = frozenset()
     # Why a given state is refused, for the diagnostic (state -> reason).
     refusals: ClassVar[dict[State, str]] = {}
-    # Which statement-level clause values the verb passes in (the compiler fills these fields).
+    # Params fields the statement itself fills (`to int4` -> format); must equal what the verb
+    # table (surgery/verbs.py) says the verb fills.
+    statement_fields: ClassVar[frozenset[str]] = frozenset()
     is_default: ClassVar[bool] = False  # used when the statement names no method
     # Plan-time checks run the model's own code (tracing its forward), so planning must build
     # the real architecture rather than a structural skeleton (surgery/skeleton.py).

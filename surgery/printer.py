@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from surgery import ast
+from surgery import ast, verbs
 
 _PREC = {"|": 1, "&": 2, "+": 3, "-": 3, "*": 4, "/": 4}
 
@@ -48,8 +48,8 @@ def stmt_text(s: ast.Stmt) -> str:
     if isinstance(s, ast.ExpectStmt):
         return f"expect {expr_text(s.left)} {s.op} {expr_text(s.right)}"
     if isinstance(s, ast.VerbStmt):
-        if s.verb == "export":
-            return f"export {expr_text(s.operands[0])} {expr_text(s.operands[1])}"
+        if any(form.head_then_path for form in verbs.forms(s.verb)):  # export onnx "x.onnx"
+            return f"{s.verb} {expr_text(s.operands[0])} {expr_text(s.operands[1])}"
         parts = [s.verb]
         if s.operands:
             parts.append(", ".join(expr_text(o) for o in s.operands))
@@ -61,5 +61,5 @@ def stmt_text(s: ast.Stmt) -> str:
     raise TypeError(f"cannot print {type(s).__name__}")
 
 
-def to_text(program: ast.Program) -> str:
+def to_text(program: ast.ScriptNode) -> str:
     return "".join(stmt_text(s) + "\n" for s in program.statements)

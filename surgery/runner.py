@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from surgery import atomic, evaluate
 from surgery.binder import Plan, bind
-from surgery.checker import CheckedProgram, Expectation, evaluate_bound
+from surgery.check import CheckedProgram, Expectation
+from surgery.expectations import evaluate_bound
 from surgery.data import Dataset, corpus, text_file
 from surgery.diagnostics import Diagnostic, SurgeryError
 from surgery.models import LoadedModel, load_model, load_skeleton, sha256_file
@@ -159,6 +160,8 @@ class Runner:
         model = ctx.model
         self._check_expectations(report, model, data, before)
         for row in outputs:
+            if row.step.verb == "save":  # written below, with the manifest
+                continue
             report.steps.append(self._apply(row, ctx))
             report.outputs.append(row.step.params.path)
         save_path = output or program.save_path

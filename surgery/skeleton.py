@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from surgery.atomic import atomic_file
+from surgery.paths import cache_root
+from surgery.tying import tied_names
 
 FORMAT = 1
 _SIMPLE = (bool, int, float, str, type(None))
@@ -97,12 +100,7 @@ def describe(model: nn.Module) -> dict:
         if first != entry["path"]:
             entry["alias_of"] = first
     # Tied parameters (lm_head.weight is embed_tokens.weight) are recorded as aliases too.
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first = seen.setdefault(id(p), name)
-        if first != name:
-            tied[name] = first
+    tied = tied_names(model.named_parameters(remove_duplicate=False))
     return {"format": FORMAT, "classes": classes, "modules": modules, "tied": tied}
 
 
@@ -213,12 +211,10 @@ def cache_key(config: dict) -> str:
 
 
 def cache_dir() -> Path:
-    from surgery.models import cache_root
-
     return cache_root() / "skeletons"
 
 
-# Descriptions of the zoo models ship with the package (regenerate: python -m surgery.skeleton);
+# Descriptions of the zoo models ship with the package (regenerate: python -m surgery.skeleton_zoo);
 # they are used only while the installed torch and transformers match the ones that wrote them.
 SHIPPED = Path(__file__).parent / "zoo" / "skeletons"
 
@@ -239,25 +235,8 @@ def store(config: dict, model: nn.Module) -> None:
     try:
         d = cache_dir()
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{cache_key(config)}.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(describe(model)))
-        os.replace(tmp, path)
+        with atomic_file(d / f"{cache_key(config)}.json") as tmp:
+            tmp.write_text(json.dumps(describe(model)))
     except OSError:
         pass
 
-
-def main() -> None:
-    """Write the descriptions of the zoo models into the package (for the installed versions)."""
-    from surgery.models import ZOO, build_skeleton, zoo_config
-
-    SHIPPED.mkdir(parents=True, exist_ok=True)
-    for name in ZOO:
-        config = zoo_config(name)
-        path = SHIPPED / f"{cache_key(config)}.json"
-        path.write_text(json.dumps(describe(build_skeleton(config)), indent=None))
-        print(f"{name}: {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,6 +20,7 @@ def test_builtin_passes_are_registered():
 def test_entry_point_pass_is_discovered(monkeypatch):
     class Halve(ModulePass):
         verb, method, summary = "prune", "third_party_halve", "a plugin pass"
+        statement_fields = frozenset({"sparsity"})  # `to 50%` fills it
 
         class Params(PassParams):
             sparsity: object = None

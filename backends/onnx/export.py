@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -28,13 +27,11 @@ import torch
 import torch.nn as nn
 
 from surgery.atomic import atomic_file
+from surgery.modelcall import ModelKind, first_output, forward_ids
 from surgery.backends.onnx.translations import EXPORT_MODULES, TRANSLATIONS, ExportOptions
 from surgery.passapi import PassError, replace_module
 
 # Translation modules of other families, imported when present.
-_EXTRA_TRANSLATIONS = ["surgery.backends.onnx.translations_kernels"]
-
-
 @dataclass
 class ExportReport:
     path: str
@@ -58,13 +55,7 @@ class _Logits(nn.Module):
         self.model = model
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, use_cache=False) if _takes_cache(self.model) \
-            else self.model(input_ids=input_ids)
-        if hasattr(out, "logits"):
-            return out.logits
-        if hasattr(out, "last_hidden_state"):
-            return out.last_hidden_state
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return first_output(forward_ids(self.model, input_ids))
 
 
 class _Plain(nn.Module):
@@ -73,18 +64,11 @@ class _Plain(nn.Module):
         self.model = model
 
     def forward(self, x):
-        out = self.model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return first_output(forward_ids(self.model, x))
 
 
 def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model.config, "vocab_size")
-
-
-def _takes_cache(model: nn.Module) -> bool:
-    import inspect
-
-    return "use_cache" in inspect.signature(model.forward).parameters
+    return ModelKind.of(model).takes_ids
 
 
 def example_input(model: nn.Module, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
@@ -102,22 +86,17 @@ def example_input(model: nn.Module, seqlen: int = 16, seed: int = 0) -> torch.Te
                     hint="call surgery.backends.onnx.export_onnx(model, path, example=...)")
 
 
-def _load_extra_translations() -> None:
-    for name in _EXTRA_TRANSLATIONS:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-
-
 @contextlib.contextmanager
 def export_modules(model: nn.Module, options: ExportOptions) -> Iterator[int]:
-    """Swap registered module types for their export equivalents; restore on exit."""
+    """Swap module types for their export equivalents; restore on exit.
+
+    A module type says how it exports either by a method ``surgery_export_module(options)``
+    (a pass family's own layer, e.g. QuantLinear: the backend never imports the family) or by a
+    function registered with ``register_export_module``."""
     swapped: list[tuple[str, nn.Module]] = []
     try:
         for path, mod in list(model.named_modules()):
-            fn = EXPORT_MODULES.get(type(mod))
+            fn = EXPORT_MODULES.get(type(mod)) or getattr(type(mod), "surgery_export_module", None)
             if fn is not None and path:
                 replace_module(model, path, fn(mod, options))
                 swapped.append((path, mod))
@@ -186,7 +165,6 @@ def export_onnx(model: nn.Module, path: str | Path, *, example: torch.Tensor | N
     """Export ``model`` to ``path`` (see the module docstring). Raises PassError on failure."""
     if int4 not in ("matmulnbits", "qdq"):
         raise PassError(f'int4 must be "matmulnbits" or "qdq", not {int4!r}')
-    _load_extra_translations()
     options = ExportOptions(int4=int4, accuracy_level=accuracy_level, opset=opset)
     was_training = model.training
     model.eval()

@@ -19,8 +19,10 @@ Two registries, both read by :func:`surgery.backends.onnx.export_onnx`:
   a module type for an export-time equivalent before tracing (on a copy of the model);
   ``options`` is the :class:`ExportOptions` of the export.
 
-Modules of other families register from their own files (e.g. backends/onnx/
-translations_kernels.py, imported by the package when present).
+The translations of the ``surgery::`` kernel ops are named by their op records
+(backends/ops/*, ``Op.onnx``) and registered here. A pass family's own layer type says how it
+exports with a method instead (``surgery_export_module(options)``, e.g. QuantLinear), so no
+backend imports a pass family.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from onnxscript import ir
 from onnxscript import opset21 as op
 
 from surgery.backends.onnx import quant_layout  # noqa: F401  (defines the export ops)
+from surgery.backends.ops.registry import Lazy, all_ops
 
 TRANSLATIONS: dict[object, Callable] = {}
 EXPORT_MODULES: dict[type, Callable] = {}
@@ -121,14 +124,11 @@ def _dq_matmul(A, B, scale, zero_point, bias, block_size: int, bits: int):
     return Y if bias is None else op.Add(Y, bias)
 
 
-def _quant_linear(module, options: ExportOptions):
-    return quant_layout.export_module(module, options.int4, options.accuracy_level)
+def _register_op_translations() -> None:
+    """The translation each op record names (backends/ops/*: ``Op.onnx``)."""
+    for op_record in all_ops().values():
+        if op_record.onnx is not None:
+            register_translation(op_record.overload)(Lazy(op_record.onnx).resolve())
 
 
-def _register_quant_linear() -> None:
-    from surgery.passes.quantize.qlinear import QuantLinear
-
-    register_export_module(QuantLinear)(_quant_linear)
-
-
-_register_quant_linear()
+_register_op_translations()

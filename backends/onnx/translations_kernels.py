@@ -19,7 +19,6 @@ import torch
 from onnxscript import ir
 from onnxscript import opset21 as op
 
-from surgery.backends.onnx.translations import register_translation
 from surgery.backends.ops import softmax as _softmax  # noqa: F401 - defines the ops
 from surgery.backends.ops import softplus_attention as _spa  # noqa: F401
 from surgery.backends.ops import stablemax as _stablemax  # noqa: F401
@@ -44,7 +43,6 @@ def _s_map(x):
     return s, log_s
 
 
-@register_translation(torch.ops.surgery.stablemax.default)
 def stablemax(x, dim: int):
     xf = op.Cast(x, to=FLOAT)
     s, _ = _s_map(xf)
@@ -52,7 +50,6 @@ def stablemax(x, dim: int):
     return op.CastLike(y, x)
 
 
-@register_translation(torch.ops.surgery.log_stablemax.default)
 def log_stablemax(x, dim: int):
     xf = op.Cast(x, to=FLOAT)
     s, log_s = _s_map(xf)
@@ -60,7 +57,6 @@ def log_stablemax(x, dim: int):
     return op.CastLike(y, x)
 
 
-@register_translation(torch.ops.surgery.softmax.default)
 def softmax(x, dim: int, algorithm: str):
     # the algorithm only picks a GPU kernel; every one computes softmax
     return op.CastLike(op.Softmax(op.Cast(x, to=FLOAT), axis=dim), x)
@@ -73,7 +69,6 @@ def _static(value, axis: int, what: str) -> int:
     return dim
 
 
-@register_translation(torch.ops.surgery.softplus_attention.default)
 def softplus_attention(q, k, v, key_mask, causal: bool, power: float, eps: float,
                        fallback_on_empty: bool):
     heads = _static(q, 1, "number of query heads")

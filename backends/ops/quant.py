@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from surgery.backends.ops.registry import Lazy, Op, register_op
+
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack int4 codes (..., n) (signed [-8, 7] or unsigned [0, 15]) into uint8 (..., ceil(n/2)).
@@ -129,3 +131,18 @@ def _backward4(ctx, grad):
 
 int8_linear.register_autograd(_backward8, setup_context=_setup8)
 int4_linear.register_autograd(_backward4, setup_context=_setup4)
+
+
+# Exported by the quantization layouts (backends/onnx/quant_layout.py), not by a translation.
+def _int8_reference(x, qweight, scales, zeros, bias):
+    return _linear(x, dequantize(qweight, scales, zeros), bias)
+
+
+def _int4_reference(x, qweight, scales, zeros, bias, in_features):
+    return _linear(x, dequantize_int4(qweight, scales, zeros, in_features), bias)
+
+
+register_op(Op("int8_linear", reference=_int8_reference,
+               kernel=Lazy("surgery.backends.triton.quant_matmul:int8_linear"), sites=(("quant", 8),)))
+register_op(Op("int4_linear", reference=_int4_reference,
+               kernel=Lazy("surgery.backends.triton.quant_matmul:int4_linear"), sites=(("quant", 4),)))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from surgery.backends.ops.registry import Lazy, Op, register_op
+
 ALGORITHMS = ("fused", "online", "two_pass")
 
 
@@ -49,3 +51,12 @@ def _backward(ctx, grad):
 
 
 softmax.register_autograd(_backward, setup_context=_setup)
+
+
+def _op_reference(x: torch.Tensor, dim: int, algorithm: str) -> torch.Tensor:
+    """The op's arguments, the reference's maths (every algorithm computes softmax)."""
+    return softmax_reference(x, dim)
+
+
+register_op(Op("softmax", reference=_op_reference, kernel=Lazy("surgery.backends.triton.softmax:softmax_forward"),
+               onnx="surgery.backends.onnx.translations_kernels:softmax", sites=(("generic", None),)))

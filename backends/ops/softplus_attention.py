@@ -30,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from surgery.backends.ops.registry import KERNEL_DTYPES, Lazy, Op, register_op
+
 
 def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     hkv = t.shape[1]
@@ -106,3 +108,17 @@ def _backward(ctx, grad):
 
 
 softplus_attention.register_autograd(_backward, setup_context=_setup)
+
+
+MAX_HEAD_DIM = 256  # the kernel keeps a head in registers; larger heads take the reference
+
+
+def _kernel_covers(q, k, v, *rest) -> bool:
+    return (q.dtype in KERNEL_DTYPES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+            and k.dtype == q.dtype and v.dtype == q.dtype)
+
+
+register_op(Op("softplus_attention", reference=softplus_attention_reference,
+               kernel=Lazy("surgery.backends.triton.softplus_attention:softplus_attention_forward"),
+               covers=_kernel_covers, onnx="surgery.backends.onnx.translations_kernels:softplus_attention",
+               sites=(("attention", "softplus"),)))

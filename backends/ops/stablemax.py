@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from surgery.backends.ops.registry import Lazy, Op, register_op
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -118,3 +120,13 @@ def _backward_log(ctx, grad):
 
 stablemax.register_autograd(_backward, setup_context=_setup)
 log_stablemax.register_autograd(_backward_log, setup_context=_setup)
+
+
+register_op(Op("stablemax", reference=stablemax_reference,
+               kernel=Lazy("surgery.backends.triton.stablemax:stablemax_forward", log=False),
+               onnx="surgery.backends.onnx.translations_kernels:stablemax", sites=(("generic", None), ("attention", "stablemax"))))
+register_op(Op("log_stablemax", reference=log_stablemax_reference,
+               kernel=Lazy("surgery.backends.triton.stablemax:stablemax_forward", log=True),
+               onnx="surgery.backends.onnx.translations_kernels:log_stablemax", sites=(("generic", None),)))
+register_op(Op("stablemax_backward", reference=stablemax_backward_reference,
+               kernel=Lazy("surgery.backends.triton.stablemax:stablemax_backward")))

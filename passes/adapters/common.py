@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
-
-import torch
 import torch.nn as nn
 
 from surgery.passapi import State
+from surgery.passes.adapters.layers import (AdapterLayer, adapter_dtype,  # noqa: F401 - re-exported
+                                           float_weight)
+from surgery.seeding import name_generator
 
 # States an `adapt` target may already carry. An adapter only calls base(x) (LoRA, Bone), so a
 # pruned, quantized, merged or lowered base is fine; a second adapter on the same layer is not.
@@ -18,8 +18,6 @@ ADAPT_REFUSALS = {State.ADAPTED: "the layer already has an adapter; `merge adapt
 
 def is_linear_like(module: nn.Module) -> bool:
     """A layer y = x W^T + b with known in/out features (nn.Linear or a packed QuantLinear)."""
-    from surgery.passes.adapters.layers import AdapterLayer
-
     if isinstance(module, AdapterLayer):
         return False
     return (isinstance(getattr(module, "in_features", None), int)
@@ -28,8 +26,6 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def unsupported_reason(method: str, module: nn.Module) -> str | None:
     """Why ``method`` cannot adapt ``module`` (None when it can)."""
-    from surgery.passes.adapters.layers import AdapterLayer
-
     if isinstance(module, AdapterLayer):
         return "the layer already has an adapter; `merge adapters` first"
     if not is_linear_like(module):
@@ -38,29 +34,13 @@ def unsupported_reason(method: str, module: nn.Module) -> str | None:
     return None
 
 
-def float_weight(module: nn.Module) -> torch.Tensor | None:
-    """The base layer's float weight, or None when it is packed (quantized) or absent."""
-    w = getattr(module, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2:
-        return w
-    return None
-
-
-def adapter_dtype(base: nn.Module) -> torch.dtype:
-    """Adapters train in the base's float dtype, or float32 when the base is packed."""
-    w = float_weight(base)
-    return w.dtype if w is not None else torch.float32
-
-
-def generator_for(seed: int, path: str) -> torch.Generator:
+def generator_for(seed: int, path: str) -> "torch.Generator":
     """A per-layer generator, so one layer's init does not depend on which others were selected."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63))
+    return name_generator(seed, path)
 
 
 def freeze_all_but_adapters(model: nn.Module) -> tuple[int, int]:
     """Make exactly the adapter parameters trainable. Returns (trainable, total) parameter counts."""
-    from surgery.passes.adapters.layers import AdapterLayer
-
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():

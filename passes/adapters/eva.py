@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from surgery.modelcall import forward_ids
 from surgery.passapi import PassError
 
 
@@ -125,10 +126,7 @@ def _redistribute(hooks: dict[str, _SvdHook], owner_of: dict[str, str], equal: d
 
 
 def _forward(model: nn.Module, ids: torch.Tensor) -> None:
-    if hasattr(model, "config") and hasattr(model.config, "vocab_size"):
-        model(input_ids=ids)
-    else:
-        model(ids)
+    forward_ids(model, ids)
 
 
 @torch.no_grad()

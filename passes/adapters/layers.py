@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgery.passapi import module_device
-from surgery.passes.adapters.common import adapter_dtype, float_weight
 from surgery.registry import register_module_type
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -32,6 +31,20 @@ def _plain_base(cfg: dict[str, Any]) -> nn.Module:
     recorded inner module, e.g. a QuantLinear, which is re-inserted after this outer one)."""
     return nn.utils.skip_init(nn.Linear, cfg["in_features"], cfg["out_features"],
                               bias=cfg["base_bias"], dtype=_DTYPES[cfg["dtype"]])
+
+
+def float_weight(module: nn.Module) -> torch.Tensor | None:
+    """The base layer's float weight, or None when it is packed (quantized) or absent."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2:
+        return w
+    return None
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters train in the base's float dtype, or float32 when the base is packed."""
+    w = float_weight(base)
+    return w.dtype if w is not None else torch.float32
 
 
 class AdapterLayer(nn.Module):

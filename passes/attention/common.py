@@ -34,6 +34,8 @@ class SwapParams(PassParams):
 class SwapPass(ModulePass):
     """Base of `swap softmax in SEL for <method>`; subclasses say which normaliser."""
 
+    statement_fields = frozenset({"op"})
+
     plan_needs_code = True  # check_module traces the attention forward to find the softmax
 
     verb: ClassVar[str] = "swap"
@@ -129,8 +131,6 @@ def _capture(ctx: RunContext, pending: dict[str, nn.Module]) -> dict[str, tuple]
         ids = torch.zeros(1, 8, dtype=torch.long)
     first = next(iter(pending))
     try:
-        if hasattr(getattr(model, "config", None), "use_cache"):
-            return capture_inputs(model, pending, ids, use_cache=False)
         return capture_inputs(model, pending, ids)
     except Exception as e:  # noqa: BLE001 - the model's own error, reported with context
         raise PassError(f"cannot trace {type(pending[first]).__name__}: example inputs could not be built from its "

@@ -113,14 +113,43 @@ def _is_python_composite(fn: Callable) -> bool:
             and any(n in code.co_names for n in _DISPATCH_NAMES) and fn not in _SOFTMAX and fn not in _DROPOUT)
 
 
-class AttentionRewrite(TorchFunctionMode):
-    """Active while a swapped module runs; see the module docstring."""
+# A rewrite rule (tinygrad's PatternMatcher style, one line per rule):
+#   (torch functions it applies to, predicate(mode, func, args, kwargs) or None, handler).
+# ``handler(mode, func, args, kwargs)`` returns the call's result, or NO_MATCH to let the next rule
+# (and finally the plain call) handle it. Rules are tried in order; lowering puts its kernel
+# rules in front of these (passes/lower/sites.py).
+Rule = tuple[frozenset, Callable[..., bool] | None, Callable[..., Any]]
+NO_MATCH = object()
 
-    def __init__(self, spec: NormaliserSpec, training: bool, hooks: list[Callable] | None = None):
+
+def _softmax_rule(mode: "AttentionRewrite", func, args, kwargs):
+    return mode._softmax(func, args, kwargs)
+
+
+def _sdpa_rule(mode: "AttentionRewrite", func, args, kwargs):
+    return mode._sdpa(*args, **kwargs)
+
+
+class AttentionRewrite(TorchFunctionMode):
+    """Active while a swapped module runs; see the module docstring.
+
+    ``rules`` replaces :attr:`RULES` (lowering passes its kernel rules + ``RULES``);
+    ``normaliser(mode, logits, fact, visible, bias)`` replaces :meth:`reference_normalise`.
+    """
+
+    RULES: list[Rule] = [
+        (frozenset(_SOFTMAX), None, _softmax_rule),  # softmax(scores, -1) -> new normaliser
+        (frozenset(_SDPA), None, _sdpa_rule),  # sdpa -> matmul, scale, mask, normaliser, matmul
+    ]
+
+    def __init__(self, spec: NormaliserSpec, training: bool, hooks: list[Callable] | None = None,
+                 rules: list[Rule] | None = None, normaliser: Callable[..., _T] | None = None):
         super().__init__()
         self.spec = spec
         self.training = training
         self.hooks = hooks or []
+        self.rules = self.RULES if rules is None else rules
+        self.normaliser = normaliser
         self.stats = Stats()
         self._facts: dict[int, tuple[weakref.ref, Any]] = {}
 
@@ -140,10 +169,11 @@ class AttentionRewrite(TorchFunctionMode):
     # -- the handler -----------------------------------------------------------------------
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _SOFTMAX:
-            return self._softmax(func, args, kwargs)
-        if func in _SDPA:
-            return self._sdpa(*args, **kwargs)
+        for fns, predicate, handler in self.rules:
+            if func in fns and (predicate is None or predicate(self, func, args, kwargs)):
+                out = handler(self, func, args, kwargs)
+                if out is not NO_MATCH:
+                    return out
         if _is_python_composite(func):
             with self:
                 return _undispatched(func)(*args, **kwargs)
@@ -236,6 +266,13 @@ class AttentionRewrite(TorchFunctionMode):
         return visible, bias
 
     def _normalise(self, logits: _T, fact: Scores, visible: _T | None, bias: _T | None) -> _T:
+        if self.normaliser is not None:
+            return self.normaliser(self, logits, fact, visible, bias)
+        return self.reference_normalise(logits, fact, visible, bias)
+
+    def reference_normalise(self, logits: _T, fact: Scores, visible: _T | None,
+                            bias: _T | None) -> _T:
+        """The new attention weights in plain PyTorch (functional.py)."""
         spec = self.spec
         if spec.kind == "stablemax":
             acc = torch.float64 if logits.dtype == torch.float64 else torch.float32

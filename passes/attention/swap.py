@@ -8,6 +8,9 @@ adapters still line up). Two things change:
 * the instance's ``forward`` runs the class forward under :class:`AttentionRewrite`, which
   rewrites the attention softmax in the dataflow as it runs (see intercept.py).
 
+The marker mechanism (attach, uninstall, re-attach after load) is surgery/forward_rewrite.py,
+shared with lowering (passes/lower/sites.py).
+
 ``AttentionSwap.surgery_attach(parent)`` (or :func:`attach_swaps` over a whole model) re-installs
 the forward after loading.
 """
@@ -16,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from surgery.passapi import module_device
+from surgery.forward_rewrite import ForwardRewrite
+from surgery.modelcall import forward_ids
 from surgery.registry import register_module_type
 
 from .intercept import AttentionRewrite, NormaliserSpec, Stats
@@ -31,8 +34,10 @@ MARKER = "attention_swap"
 
 
 @register_module_type
-class AttentionSwap(nn.Module):
+class AttentionSwap(ForwardRewrite):
     """Marker child of a swapped attention module: which normaliser replaces softmax."""
+
+    marker_name = MARKER
 
     def __init__(self, spec: NormaliserSpec):
         super().__init__()
@@ -49,9 +54,7 @@ class AttentionSwap(nn.Module):
 
     def surgery_attach(self, parent: nn.Module) -> None:
         """Route ``parent``'s forward through the rewrite (idempotent)."""
-        if parent._modules.get(MARKER) is not self:
-            setattr(parent, MARKER, self)
-        parent.forward = types.MethodType(_swapped_forward, parent)
+        super().surgery_attach(parent)
         if not any(h is _keep_slow_path for h in parent._forward_pre_hooks.values()):
             # Fused fast paths (nn.TransformerEncoderLayer in inference) skip the attention
             # module's forward; they stand down when any submodule has a forward hook.
@@ -62,8 +65,20 @@ class AttentionSwap(nn.Module):
         self.hooks.append(fn)
         return lambda: self.hooks.remove(fn)
 
-    def forward(self, *args, **kwargs):  # pragma: no cover - a marker is never called
-        raise RuntimeError("AttentionSwap is a marker; call its parent attention module")
+    def run(self, parent: nn.Module, *args, **kwargs):
+        """The class forward under :class:`AttentionRewrite`; a forward that never reached an
+        attention softmax is an error (its softmax could not have been swapped)."""
+        mode = AttentionRewrite(self.spec, parent.training, self.hooks)
+        with mode:
+            out = type(parent).forward(parent, *args, **kwargs)
+        self.last_stats = mode.stats
+        if mode.stats.rewritten == 0:
+            raise RuntimeError(
+                f"swapped attention {type(parent).__name__} ran without an attention softmax or "
+                f"scaled_dot_product_attention call (its softmax was swapped for {self.spec.kind}); "
+                "an attention backend that bypasses torch ops (e.g. flash-attention kernels) cannot be "
+                "swapped: use attn_implementation='eager' or 'sdpa'")
+        return out
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -87,21 +102,6 @@ def _no_nested_tensors(model: nn.Module, path: str) -> None:
         if isinstance(anc, nn.TransformerEncoder):
             anc.use_nested_tensor = False
             anc.enable_nested_tensor = False
-
-
-def _swapped_forward(self: nn.Module, *args, **kwargs):
-    marker: AttentionSwap = self._modules[MARKER]
-    mode = AttentionRewrite(marker.spec, self.training, marker.hooks)
-    with mode:
-        out = type(self).forward(self, *args, **kwargs)
-    marker.last_stats = mode.stats
-    if mode.stats.rewritten == 0:
-        raise RuntimeError(
-            f"swapped attention {type(self).__name__} ran without an attention softmax or "
-            f"scaled_dot_product_attention call (its softmax was swapped for {marker.spec.kind}); "
-            "an attention backend that bypasses torch ops (e.g. flash-attention kernels) cannot be "
-            "swapped: use attn_implementation='eager' or 'sdpa'")
-    return out
 
 
 def install(module: nn.Module, spec: NormaliserSpec) -> AttentionSwap:
@@ -234,13 +234,9 @@ def capture_inputs(model: nn.Module, targets: dict[str, nn.Module], ids: torch.T
         def hook(m, args, kwargs, path=path):
             seen.setdefault(path, (list(args), dict(kwargs)))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    ids = ids.to(module_device(model))  # calibration data lives on the CPU, the model may not
     try:
         with torch.no_grad():
-            if hasattr(getattr(model, "config", None), "vocab_size"):
-                model(input_ids=ids, **model_kwargs)
-            else:
-                model(ids, **model_kwargs)
+            forward_ids(model, ids, **model_kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -14,8 +14,8 @@ Interface::
                          batch_size=8, true_sequential=False, gram=True, label="GPTQ")
 
 - ``calibration``: (samples, ...) tensor; each batch of ``batch_size`` rows is fed as
-  ``model(input_ids=batch, use_cache=False)`` for HF models (``model.config.vocab_size``
-  exists), else ``model(batch)``.
+  :func:`surgery.modelcall.forward_ids` (``model(input_ids=batch, use_cache=False)`` for HF
+  models, else ``model(batch)``).
 - ``targets``: {path relative to ``model``: module}; usually Linear layers (anything with
   ``in_features`` or a 2-D ``weight`` works).
 - Blocks (:func:`find_blocks`): the ``nn.ModuleList`` of same-class children (HF ``model.layers``,

@@ -3,14 +3,14 @@ transformed blocks before it, holding one block's activations at a time."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from surgery.passapi import PassError, module_device, replace_module
+from surgery.modelcall import first_output, forward_ids
+from surgery.passapi import PassError, replace_module
 from surgery.passes.calib.stats import LinearStats
 
 Transform = Callable[[dict[str, nn.Module], dict[str, LinearStats]], "dict[str, nn.Module] | None"]
@@ -63,15 +63,8 @@ def _inside(path: str, block: str) -> bool:
 
 
 def _model_call(model: nn.Module) -> Callable[[torch.Tensor], Any]:
-    """How to feed a calibration batch: input_ids for HF models (no KV cache), else positional."""
-    takes_ids = hasattr(model, "config") and hasattr(model.config, "vocab_size")
-    device = module_device(model)  # calibration batches live on the CPU, the model may not
-    if not takes_ids:
-        return lambda x: model(x.to(device))
-    params = inspect.signature(model.forward).parameters
-    if "use_cache" in params:
-        return lambda x: model(input_ids=x.to(device), use_cache=False)
-    return lambda x: model(input_ids=x.to(device))
+    """How to feed a calibration batch (surgery.modelcall: input_ids, no KV cache, for HF)."""
+    return lambda x: forward_ids(model, x)
 
 
 @dataclass
@@ -90,14 +83,6 @@ class _BlockInput:
         return _BlockInput((h, *self.args[1:]), self.kwargs)
 
 
-def _first_output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    raise TypeError(f"cannot find the hidden state in a block output of type {type(out)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +215,7 @@ class _Engine:
                         self._stage(fwd, in_block[bpath])
                     if bi + 1 < len(blocks):  # the next block's inputs, from transformed weights
                         block = self.model.get_submodule(bpath)
-                        inputs = [inp.with_hidden(_first_output(
+                        inputs = [inp.with_hidden(first_output(
                             block(*inp.args, **inp.kwargs))) for inp in inputs]
                     task.advance()
                 del inputs

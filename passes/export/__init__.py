@@ -1,10 +1,3 @@
-"""`export FORMAT "PATH"`: ONNX models and PEFT adapters."""
+"""Output passes: `export FORMAT "PATH"` (ONNX models, PEFT adapters) and `save "PATH"`."""
 
-import importlib
-
-for _name in ("onnx", "peft"):
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_name}":
-            raise
+from surgery.passes.export import onnx, peft, save  # noqa: F401  (registers the passes)

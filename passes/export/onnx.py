@@ -60,6 +60,7 @@ class OnnxParams(PassParams):
 
 @register
 class OnnxExport(ModelPass):
+    statement_fields = frozenset({"path"})
     verb = "export"
     method = "onnx"
     summary = "export to ONNX (int4 as MatMulNBits or QDQ), verified in ONNX Runtime"

@@ -91,6 +91,7 @@ class PeftExportParams(PassParams):
 
 @register
 class PeftExport(ModelPass):
+    statement_fields = frozenset({"path"})
     verb = "export"
     method = "peft"
     summary = "write the adapters as a PEFT directory (LoRA -> LORA, Bone -> MISS)"

@@ -11,14 +11,13 @@ which is how the kernels and the lowering gate are tested on a machine without a
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 
 import torch
 
-# The custom ops exist once their modules are imported.
-for _m in ("stablemax", "softmax", "softplus_attention", "quant"):
-    importlib.import_module(f"surgery.backends.ops.{_m}")
+from surgery.backends.ops.registry import all_ops
+
+all_ops()  # the custom ops exist once their modules (backends/ops/*) are imported
 
 _interpret = False
 

@@ -5,22 +5,24 @@ Three kinds of site:
 - ``QuantLinear`` (int4_linear / int8_linear): its forward calls the op through
   :func:`runtime.call`.
 - a swapped attention module (``swap softmax ... for stablemax | softplus``): its forward runs
-  under :class:`LoweredRewrite`, the attention swap's dataflow rewrite with the normaliser routed
-  to ``surgery::stablemax`` and, for softplus, the whole ``scaled_dot_product_attention`` call
-  routed to the fused ``surgery::softplus_attention`` kernel when its mask is causal and/or a key
-  padding mask (anything else keeps the reference path, counted as a fallback).
+  under the attention swap's dataflow rewrite (:class:`AttentionRewrite`) extended by rules:
+  :func:`lowered_rules` puts a rule in front that routes a softplus swap's whole
+  ``scaled_dot_product_attention`` call to the fused ``surgery::softplus_attention`` kernel when
+  its mask is causal and/or a key padding mask, and the normaliser is replaced by
+  ``surgery::stablemax`` on the kernel (anything else keeps the reference path, counted as a
+  fallback).
 - any other selected module (softmax, stablemax, log_stablemax): its forward runs under
   :class:`OpLowering`, which sees every torch call it makes (the hook torch.fx's tracer uses) and
   routes ``softmax`` and ``surgery::stablemax`` / ``log_stablemax`` calls to the kernels.
 
-Every site gets a ``triton_lowering`` child (:class:`TritonLowering`, no tensors) recording the
-lowered ops, so the manifest carries it and ``surgery_attach`` re-installs the forward after load.
+Every site gets a ``triton_lowering`` child (:class:`TritonLowering`, a
+:class:`surgery.forward_rewrite.ForwardRewrite`, no tensors) recording the lowered ops, so the
+manifest carries it and ``surgery_attach`` re-installs the forward after load. Which op runs at
+which site comes from the op records (backends/ops/registry.py, ``Op.sites``).
 """
 
 from __future__ import annotations
 
-import types
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,63 +30,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from surgery.backends.ops.registry import ops_at
+from surgery.forward_rewrite import Counts, ForwardRewrite
+from surgery.passes.attention import functional as AF
+from surgery.passes.attention import swap
+from surgery.passes.attention.intercept import _SDPA, NO_MATCH, AttentionRewrite, Rule
 from surgery.passes.lower import runtime
+from surgery.passes.quantize.qlinear import QuantLinear
 from surgery.registry import register_module_type
 
 MARKER = "triton_lowering"
-ATTENTION_OPS = {"stablemax", "softplus_attention"}
-QUANT_OPS = {4: "int4_linear", 8: "int8_linear"}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
-
-@dataclass
-class Counts:
-    kernel: int = 0  # op calls that ran the kernel
-    fallback: int = 0  # op calls that kept the reference path (pattern not covered)
-
-
-def _quant_linear_cls():
-    try:
-        from surgery.passes.quantize.qlinear import QuantLinear
-    except ImportError:  # the quantize family is not installed
-        return None
-    return QuantLinear
-
-
-def _swap():
-    try:
-        from surgery.passes.attention import swap
-    except ImportError:
-        return None
-    return swap
+__all__ = ["Counts", "MARKER", "TritonLowering", "install", "site_kind", "uninstall"]
 
 
 def site_kind(module: nn.Module, ops: set[str]) -> tuple[str, list[str]] | None:
-    """("quant" | "attention" | "generic", ops lowered there) or None if nothing applies."""
-    ql = _quant_linear_cls()
-    if ql is not None and isinstance(module, ql):
-        op = QUANT_OPS[module.bits]
-        return ("quant", [op]) if op in ops else None
-    swap = _swap()
-    if swap is not None and swap.is_swapped(module):
-        kind = module._modules[swap.MARKER].spec.kind
-        op = "stablemax" if kind == "stablemax" else "softplus_attention"
-        return ("attention", [op]) if op in ops else None
-    generic = sorted(ops & {"softmax", "stablemax", "log_stablemax"})
+    """("quant" | "attention" | "generic", ops lowered there) or None if nothing applies.
+
+    Which op a quantized layer or a swapped attention module calls comes from the op records'
+    sites (backends/ops/*): ("quant", bits) and ("attention", normaliser kind)."""
+    if isinstance(module, QuantLinear):
+        found = [op for op in ops_at("quant", module.bits) if op in ops]
+        return ("quant", found) if found else None
+    if swap.is_swapped(module):
+        found = [op for op in ops_at("attention", module._modules[swap.MARKER].spec.kind)
+                 if op in ops]
+        return ("attention", found) if found else None
+    generic = sorted(ops & set(ops_at("generic")))
     return ("generic", generic) if generic else None
 
 
 # -- QuantLinear -----------------------------------------------------------------------------
 
-def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
-    marker: TritonLowering = self._modules[MARKER]
-    if self.perm is not None:
-        x = x.index_select(-1, self.perm)
+def _quant_forward(marker: "TritonLowering", layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if layer.perm is not None:
+        x = x.index_select(-1, layer.perm)
     marker.counts.kernel += 1
-    if self.bits == 8:
-        return runtime.call("int8_linear", x, self.qweight, self.scales, self.zeros, self.bias)
-    return runtime.call("int4_linear", x, self.qweight, self.scales, self.zeros, self.bias,
-                        self.in_features)
+    if layer.bits == 8:
+        return runtime.call("int8_linear", x, layer.qweight, layer.scales, layer.zeros, layer.bias)
+    return runtime.call("int4_linear", x, layer.qweight, layer.scales, layer.zeros, layer.bias,
+                        layer.in_features)
 
 
 # -- swapped attention ---------------------------------------------------------------------------
@@ -103,8 +89,6 @@ def _tracing(*tensors) -> bool:
 
 def _kernel_mask(query, key, attn_mask, is_causal) -> tuple[bool, torch.Tensor | None] | None:
     """(causal, key_mask) when the SDPA mask is causal and/or key padding; else None."""
-    from surgery.passes.attention import functional as AF
-
     if query.dim() != 4 or key.dim() != 4:
         return None
     b, lq, lk = query.shape[0], query.shape[-2], key.shape[-2]
@@ -133,65 +117,70 @@ def _kernel_mask(query, key, attn_mask, is_causal) -> tuple[bool, torch.Tensor |
     return None
 
 
-def _lowered_rewrite_cls():
-    from surgery.passes.attention.intercept import AttentionRewrite
-
-    class LoweredRewrite(AttentionRewrite):
-        """The attention swap's rewrite with the new normaliser running on the kernels."""
-
-        def __init__(self, spec, training, hooks, counts: Counts):
-            super().__init__(spec, training, hooks)
-            self.counts = counts
-
-        def _normalise(self, logits, fact, visible, bias):
-            if self.spec.kind != "stablemax":
-                self.counts.fallback += 1
-                return super()._normalise(logits, fact, visible, bias)
-            acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-            x = logits.to(acc)
-            if visible is not None:
-                vis = visible.expand(x.shape)
-                x = torch.where(vis, x, torch.full_like(x, float("-inf")))  # s(-inf) = 0
-            w = runtime.call("stablemax", x, -1)
-            if visible is not None:  # a fully masked row is all zero, not 0/0
-                w = torch.where(vis.any(-1, keepdim=True), w, torch.zeros_like(w))
-            self.counts.kernel += 1
-            return w
-
-        def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                  scale=None, enable_gqa=False):
-            spec = self.spec
-            reweight = spec.reweight and (spec.reweight_at_train or not self.training)
-            plan = None
-            if (spec.kind == "softplus" and not self.hooks and dropout_p == 0.0
-                    and spec.offset_rows == 3 and (not reweight or spec.p > 0)
-                    and query.shape[-3] % key.shape[-3] == 0):
-                plan = _kernel_mask(query, key, attn_mask, is_causal)
-            if plan is None:
-                if spec.kind == "softplus":
-                    self.counts.fallback += 1
-                return super()._sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                     enable_gqa)
-            causal, key_mask = plan
-            self.stats.sdpa += 1
-            self.stats.rewritten += 1
-            self.stats.weighted_sums += 1
-            self.counts.kernel += 1
-            return runtime.call("softplus_attention", query, key, value, key_mask, causal,
-                                float(spec.p) if reweight else 0.0, float(spec.eps),
-                                bool(spec.fallback_on_empty))
-
-    return LoweredRewrite
+def _stablemax_on_kernel(counts: Counts):
+    """The attention normaliser for a lowered swap: StableMax on the kernel; softplus keeps
+    the reference (its kernel is the fused SDPA rule below), counted as a fallback."""
+    def normalise(mode: AttentionRewrite, logits, fact, visible, bias):
+        if mode.spec.kind != "stablemax":
+            counts.fallback += 1
+            return mode.reference_normalise(logits, fact, visible, bias)
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        x = logits.to(acc)
+        if visible is not None:
+            vis = visible.expand(x.shape)
+            x = torch.where(vis, x, torch.full_like(x, float("-inf")))  # s(-inf) = 0
+        w = runtime.call("stablemax", x, -1)
+        if visible is not None:  # a fully masked row is all zero, not 0/0
+            w = torch.where(vis.any(-1, keepdim=True), w, torch.zeros_like(w))
+        counts.kernel += 1
+        return w
+    return normalise
 
 
-def _attention_forward(self, *args, **kwargs):
-    swap = _swap()
-    marker = self._modules[swap.MARKER]
-    lowering: TritonLowering = self._modules[MARKER]
-    mode = _lowered_rewrite_cls()(marker.spec, self.training, marker.hooks, lowering.counts)
+def _softplus_sdpa_on_kernel(counts: Counts):
+    """Rule handler: a softplus swap's whole SDPA call on the fused kernel, when the kernel
+    covers its mask and settings; otherwise NO_MATCH (the reference SDPA rule runs)."""
+    def handler(mode: AttentionRewrite, func, args, kwargs):
+        return _fused_sdpa(mode, counts, *args, **kwargs)
+    return handler
+
+
+def _fused_sdpa(mode: AttentionRewrite, counts: Counts, query, key, value, attn_mask=None,
+                dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    spec = mode.spec
+    reweight = spec.reweight and (spec.reweight_at_train or not mode.training)
+    plan = None
+    if (spec.kind == "softplus" and not mode.hooks and dropout_p == 0.0
+            and spec.offset_rows == 3 and (not reweight or spec.p > 0)
+            and query.shape[-3] % key.shape[-3] == 0):
+        plan = _kernel_mask(query, key, attn_mask, is_causal)
+    if plan is None:
+        if spec.kind == "softplus":
+            counts.fallback += 1
+        return NO_MATCH
+    causal, key_mask = plan
+    mode.stats.sdpa += 1
+    mode.stats.rewritten += 1
+    mode.stats.weighted_sums += 1
+    counts.kernel += 1
+    return runtime.call("softplus_attention", query, key, value, key_mask, causal,
+                        float(spec.p) if reweight else 0.0, float(spec.eps),
+                        bool(spec.fallback_on_empty))
+
+
+def lowered_rules(counts: Counts) -> list[Rule]:
+    """The attention swap's rules with the kernel rule in front (first match wins)."""
+    return [(frozenset(_SDPA), None, _softplus_sdpa_on_kernel(counts))] + AttentionRewrite.RULES
+
+
+def _attention_forward(marker: "TritonLowering", module: nn.Module, *args, **kwargs):
+    swapped: swap.AttentionSwap = module._modules[swap.MARKER]
+    mode = AttentionRewrite(swapped.spec, module.training, swapped.hooks,
+                            rules=lowered_rules(marker.counts),
+                            normaliser=_stablemax_on_kernel(marker.counts))
     with mode:
-        out = type(self).forward(self, *args, **kwargs)
-    marker.last_stats = mode.stats
+        out = type(module).forward(module, *args, **kwargs)
+    swapped.last_stats = mode.stats
     return out
 
 
@@ -223,23 +212,23 @@ class OpLowering(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _generic_forward(self, *args, **kwargs):
-    lowering: TritonLowering = self._modules[MARKER]
-    with OpLowering(lowering.ops, lowering.softmax_algorithm, lowering.counts):
-        return type(self).forward(self, *args, **kwargs)
+def _generic_forward(marker: "TritonLowering", module: nn.Module, *args, **kwargs):
+    with OpLowering(marker.ops, marker.softmax_algorithm, marker.counts):
+        return type(module).forward(module, *args, **kwargs)
 
 
 _FORWARDS = {"quant": _quant_forward, "attention": _attention_forward, "generic": _generic_forward}
 
 
 @register_module_type
-class TritonLowering(nn.Module):
+class TritonLowering(ForwardRewrite):
     """Marker child of a lowered module: which ops run on the Triton kernels."""
+
+    marker_name = MARKER
 
     def __init__(self, kind: str, ops: list[str], softmax_algorithm: str = "fused"):
         super().__init__()
         self.kind, self.ops, self.softmax_algorithm = kind, list(ops), softmax_algorithm
-        self.counts = Counts()
 
     def surgery_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "ops": self.ops, "softmax_algorithm": self.softmax_algorithm}
@@ -248,14 +237,8 @@ class TritonLowering(nn.Module):
     def from_surgery_config(cls, cfg: dict[str, Any]) -> "TritonLowering":
         return cls(cfg["kind"], cfg["ops"], cfg.get("softmax_algorithm", "fused"))
 
-    def surgery_attach(self, parent: nn.Module) -> None:
-        """Route ``parent``'s forward through the kernels (idempotent)."""
-        if parent._modules.get(MARKER) is not self:
-            setattr(parent, MARKER, self)
-        parent.forward = types.MethodType(_FORWARDS[self.kind], parent)
-
-    def forward(self, *args, **kwargs):  # pragma: no cover - a marker is never called
-        raise RuntimeError("TritonLowering is a marker; call its parent module")
+    def run(self, parent: nn.Module, *args, **kwargs):
+        return _FORWARDS[self.kind](self, parent, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{', '.join(self.ops)} -> triton"
@@ -269,8 +252,4 @@ def install(module: nn.Module, kind: str, ops: list[str], algorithm: str) -> Tri
 
 def uninstall(module: nn.Module, saved_forward: Any) -> None:
     """Undo :func:`install` (the gate failed): drop the marker, restore the instance forward."""
-    del module._modules[MARKER]
-    if saved_forward is None:
-        module.__dict__.pop("forward", None)
-    else:
-        module.forward = saved_forward
+    module._modules[MARKER].uninstall(module, saved_forward)

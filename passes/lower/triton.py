@@ -21,13 +21,14 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 from torch.utils._pytree import tree_leaves
 
+from surgery.backends.ops.registry import lowerable_ops
+from surgery.modelcall import ModelKind
 from surgery.passapi import (MachineProblem, ModulePass, PassError, PassParams, RunContext, State,
                              StepReport)
 from surgery.passes.lower import runtime, sites
 from surgery.registry import register
 
-KNOWN_OPS = ("stablemax", "log_stablemax", "softmax", "softplus_attention", "int4_linear",
-             "int8_linear")
+KNOWN_OPS = lowerable_ops()  # from the op records (backends/ops/*: Op.sites)
 
 # Allowed max |lowered - reference| relative to max |reference|, by output dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 5e-3,
@@ -68,6 +69,7 @@ class LowerParams(PassParams):
 
 @register
 class LowerTriton(ModulePass):
+    statement_fields = frozenset({"ops"})
     verb = "lower"
     method = "triton"
     summary = "run StableMax, softplus attention, softmax and int4/int8 matmul on Triton kernels"
@@ -178,9 +180,9 @@ class LowerTriton(ModulePass):
         if self.params.data is not None:
             ids = ctx.dataset(self.params.data).calibration[: self.params.samples]
             return _capture(ctx.model, targets, ids)
-        vocab = getattr(getattr(ctx.model, "config", None), "vocab_size", None)
-        if isinstance(vocab, int):
-            ids = torch.randint(0, vocab, (self.params.samples, 16), generator=gen)
+        if ModelKind.of(ctx.model).takes_ids:
+            ids = torch.randint(0, ctx.model.config.vocab_size, (self.params.samples, 16),
+                                generator=gen)
             return _capture(ctx.model, targets, ids)
         return {path: _synthesise(module, kind, gen, self.params.samples, path)
                 for path, (module, kind, _) in found.items()}
@@ -223,8 +225,7 @@ class LowerTriton(ModulePass):
 def _capture(model: nn.Module, targets: dict[str, nn.Module], ids: torch.Tensor) -> dict:
     from surgery.passes.attention.swap import capture_inputs
 
-    is_hf = hasattr(getattr(model, "config", None), "vocab_size")
-    seen = capture_inputs(model, targets, ids, **({"use_cache": False} if is_hf else {}))
+    seen = capture_inputs(model, targets, ids)
     missing = [p for p in targets if p not in seen]
     if missing:
         raise PassError(f"`{missing[0]}` did not run on the calibration data, so the lowering "

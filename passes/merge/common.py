@@ -9,7 +9,6 @@ same mergers over safetensors shards.
 from __future__ import annotations
 
 import copy
-import zlib
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn as nn
 from pydantic import ConfigDict, Field, model_validator
 
 from surgery.passapi import ModelPass, PassError, PassParams, RunContext, State, StepReport
+from surgery.seeding import name_seed
 
 from .taskvec import (compatibility_problems, is_mergeable, merge_global, shapes_of, tied_names)
 
@@ -68,7 +68,7 @@ def tensor_kinds(model: nn.Module) -> dict[str, str]:
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A per-(tensor, model) seed: random methods give the same result in any tensor order, so
     the streamed and in-memory engines agree bit for bit."""
-    return (seed * 1_000_003 + zlib.crc32(f"{index}:{name}".encode())) % (2 ** 63)
+    return name_seed(seed, index, name)
 
 
 class TensorMerger:
@@ -126,6 +126,8 @@ def merge_state_dicts(merger: TensorMerger, base: Mapping[str, Tensor] | None,
 
 class MergePass(ModelPass):
     """Base of the parameter-space merge methods (`merge A, B [into BASE] using METHOD(...)`)."""
+
+    statement_fields = frozenset({"models", "base"})
 
     verb = "merge"
     produces = frozenset({State.MERGED})

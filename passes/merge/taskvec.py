@@ -9,6 +9,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from surgery.tying import tied_names  # noqa: F401 - the merge family imports it from here
+
 Tensor = torch.Tensor
 
 
@@ -82,21 +84,6 @@ def merge_global(names: Sequence[str], base: Mapping[str, Tensor],
     merged = combine(T)
     deltas = unflatten(merged, [base[n] for n in names])
     return {n: (base[n].float() + d).to(base[n].dtype) for n, d in zip(names, deltas)}
-
-
-def tied_names(state: Mapping[str, Tensor]) -> dict[str, str]:
-    """name -> first name sharing the same storage (tied embeddings): merged once, copied."""
-    seen: dict[tuple, str] = {}
-    out = {}
-    for k, v in state.items():
-        if v.device.type == "meta":
-            continue
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:
-            out[k] = seen[key]
-        else:
-            seen[key] = k
-    return out
 
 
 def names_in_order(state: Mapping[str, Tensor], exclude: Iterable[str] = ()) -> list[str]:

@@ -13,6 +13,7 @@ from surgery.passapi import (NM, CallValue, ModulePass, PassError, PassParams, P
                              RunContext, ShapeProblem, State, StepReport, replace_module)
 
 from surgery.passes.calib import LinearStats, calibrate_sequential
+from surgery.tying import tied_groups
 
 from .dsnot_core import dsnot
 from .masks import nm_keep, unstructured_keep
@@ -88,6 +89,7 @@ class PruneParams(PassParams):
 
 
 class PrunePass(ModulePass):
+    statement_fields = frozenset({"sparsity"})
     verb: ClassVar[str] = "prune"
     leaf_types = (nn.Linear,)
     accepts = frozenset({State.MASKED, State.MERGED, State.SWAPPED})
@@ -214,11 +216,11 @@ def layer_kind(path: str) -> str:
 
 
 def _refuse_tied(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
-    for path, mod in modules.items():
-        others = [o for o in owners.get(id(mod.weight), []) if o != path]
+    group_of = {name: group for group in tied_groups(model.named_parameters(remove_duplicate=False))
+                for name in group}
+    for path in modules:
+        owners = [n.rpartition(".")[0] for n in group_of.get(f"{path}.weight", [])]
+        others = [o for o in owners if o != path]
         if others:
             raise PassError(f"{path}.weight is tied to {others[0]}; pruning it would prune "
                             f"{others[0]} too", module=path,

@@ -72,6 +72,7 @@ class QuantizePass(ModulePass):
     """Base of `quantize` methods: states, leaf types and the divisibility check."""
 
     verb = "quantize"
+    statement_fields = frozenset({"format"})
     leaf_types: ClassVar[tuple[type, ...]] = (nn.Linear, QuantLinear)
     accepts = frozenset({State.MASKED, State.MERGED, State.SWAPPED})
     produces = frozenset({State.QUANTIZED})
@@ -134,3 +135,12 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """||w - w_hat||_F / ||w||_F (0 for an all-zero weight)."""
     denom = float(w.float().norm())
     return float((w.float() - w_hat.float()).norm()) / denom if denom else 0.0
+
+
+def to_quantlinear(module: nn.Linear, codes: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None, fmt: Format,
+                   perm: torch.Tensor | None = None) -> QuantLinear:
+    """The QuantLinear replacing ``module`` from its integer codes (every quantize method):
+    the float layer's bias and dtype carry over."""
+    return QuantLinear.from_codes(codes, scale, zero, bits=fmt.bits, bias=module.bias,
+                                  perm=perm, dtype=module.weight.dtype)

@@ -21,7 +21,8 @@ from surgery.passes.calib import HessianError, calibrate_sequential
 from surgery.passes.calib.hessian import (act_order_perm, add_damping, dead_columns,
                                           inverse_cholesky_upper)
 from surgery.passes.quantize.common import (QuantizePass, QuantParams, build_report,
-                                            existing_mask, float_bytes, relative_error)
+                                            existing_mask, float_bytes, relative_error,
+                                            to_quantlinear)
 from surgery.passes.quantize.formats import (ClipSearch, Format, dequantize_codes,
                                              fit_group_params, quantize_codes)
 from surgery.passes.quantize.qlinear import QuantLinear
@@ -204,8 +205,7 @@ class Gptq(QuantizePass):
                 except HessianError as e:
                     raise PassError(str(e), module=path,
                                     hint=f"try damp={min(1.0, p.damp * 10):g}") from None
-                q = QuantLinear.from_codes(r.codes, r.scales, r.zeros, bits=fmt.bits,
-                                           bias=mod.bias, perm=r.perm, dtype=w.dtype)
+                q = to_quantlinear(mod, r.codes, r.scales, r.zeros, fmt, perm=r.perm)
                 results[path] = {"parameters": w.numel(), "gptq_loss": r.loss,
                                  "rel_error": relative_error(w, q.dequantized_weight())}
                 sizes[0] += float_bytes(mod)

@@ -135,6 +135,13 @@ class QuantLinear(nn.Module):
         return torch.ops.surgery.int4_linear(x, self.qweight, self.scales, self.zeros, self.bias,
                                              self.in_features)
 
+    def surgery_export_module(self, options) -> nn.Module:
+        """The ONNX export layout of this layer (backends/onnx/export.py calls this; ``options``
+        is its ExportOptions: int4 layout and accuracy level)."""
+        from surgery.backends.onnx.quant_layout import export_module
+
+        return export_module(self, options.int4, options.accuracy_level)
+
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         g = "per-channel" if self.group == self.in_features else f"group={self.group}"

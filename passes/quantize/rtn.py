@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from surgery.passapi import PassError, RunContext, StepReport, replace_module
 from surgery.passes.quantize.common import (QuantizePass, QuantParams, build_report,
-                                            existing_mask, float_bytes, relative_error)
+                                            existing_mask, float_bytes, relative_error,
+                                            to_quantlinear)
 from surgery.passes.quantize.formats import (ClipSearch, Format, fit_group_params, grouped,
                                              quantize_codes, zero_code)
 from surgery.passes.quantize.qlinear import QuantLinear
@@ -32,12 +33,6 @@ def rtn_quantize(w: torch.Tensor, fmt: Format, group: int, clip: ClipSearch | No
         zc = zero_code(zero, scale.shape).unsqueeze(-1).expand_as(q)
         q = torch.where(grouped(mask, group), q, zc)
     return q.reshape(w.shape), scale, zero
-
-
-def to_quantlinear(module: nn.Linear, codes, scale, zero, fmt: Format,
-                   perm: torch.Tensor | None = None) -> QuantLinear:
-    return QuantLinear.from_codes(codes, scale, zero, bits=fmt.bits, bias=module.bias,
-                                  perm=perm, dtype=module.weight.dtype)
 
 
 @register

@@ -102,12 +102,11 @@ def test_whole_model_round_trip_through_registry(tmp_path):
     assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="covered by the GPU test")
 def test_semi_structured_conversion_is_skipped_without_a_gpu():
     mod = pruned_linear(dtype=torch.float16)
     model = nn.Sequential(mod)
     result = to_semi_structured(model)
-    if torch.cuda.is_available():
-        pytest.skip("covered by the GPU test")
     assert result == {"0": "not on a CUDA device"}
     assert not mod.weight.is_sparse
     assert to_semi_structured(nn.Sequential(pruned_linear(n=1, m=4))) == {"0": "not 2:4"}
