@@ -292,9 +292,9 @@ def _locked(path: str | os.PathLike) -> Iterator[Path]:
     try:
         final = claim(path)
     except OutputLocked as e:
-        from surgery.diagnostics import error
+        from surgery.diagnostics import Code, error
 
-        raise error("E0804", str(e), help="wait for the other run to finish, or write elsewhere")
+        raise error(Code.E0804, str(e), help="wait for the other run to finish, or write elsewhere")
     try:
         yield final
     finally:

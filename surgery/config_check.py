@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from surgery.diagnostics import did_you_mean, error
+from surgery.diagnostics import Code, did_you_mean, error
 
 MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KB; a huge one is not a config
 
@@ -25,22 +25,22 @@ def _read(path: Path) -> object:
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise error("E0603", f"`{path}` is {size / 1e6:.0f} MB, too large for a config.json")
+            raise error(Code.E0603, f"`{path}` is {size / 1e6:.0f} MB, too large for a config.json")
         data = path.read_bytes()
     except OSError as e:
-        raise error("E0603", f"cannot read `{path}`: {e.strerror}") from None
+        raise error(Code.E0603, f"cannot read `{path}`: {e.strerror}") from None
     if not data.strip():
-        raise error("E0603", f"`{path}` is empty", help="the checkpoint's config.json is corrupt")
+        raise error(Code.E0603, f"`{path}` is empty", help="the checkpoint's config.json is corrupt")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise error("E0603", f"`{path}` is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})",
+        raise error(Code.E0603, f"`{path}` is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})",
                     help="the checkpoint's config.json is corrupt") from None
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
         where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise error("E0603", f"`{path}` is not valid JSON{where}",
+        raise error(Code.E0603, f"`{path}` is not valid JSON{where}",
                     help="the checkpoint's config.json is corrupt") from None
 
 
@@ -76,30 +76,30 @@ def validate_config(path: Path, *, trust_remote_code: bool = False) -> dict:
     """The parsed config.json at ``path``, or a SurgeryError saying what is wrong with it."""
     config = _read(path)
     if not isinstance(config, dict):
-        raise error("E0603", f"`{path}` holds {_json_type(config)}, not a JSON object",
+        raise error(Code.E0603, f"`{path}` holds {_json_type(config)}, not a JSON object",
                     help="a transformers config.json is an object such as "
                          '{"model_type": "llama", ...}')
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list)
                                   and all(isinstance(a, str) for a in archs)):
-        raise error("E0603", f"`architectures` in `{path}` must be a list of class names, got "
+        raise error(Code.E0603, f"`architectures` in `{path}` must be a list of class names, got "
                              f"{_json_type(archs)}")
     if config.get("auto_map") is not None:
         if not trust_remote_code:
-            raise error("E0605", f"`{path}` needs Python code shipped with the checkpoint "
+            raise error(Code.E0605, f"`{path}` needs Python code shipped with the checkpoint "
                                  "(`auto_map`), which is not run by default",
                         help="pass --trust-remote-code if you trust this directory's .py files "
                              "(Python API: trust_remote_code=True)")
         return config  # its own code defines model_type and the architecture
     model_type = config.get("model_type")
     if model_type is None:
-        raise error("E0603", f"`{path}` has no `model_type`", help="is this a transformers model?")
+        raise error(Code.E0603, f"`{path}` has no `model_type`", help="is this a transformers model?")
     if not isinstance(model_type, str):
-        raise error("E0603", f"`model_type` in `{path}` must be a string, got {_json_type(model_type)}")
+        raise error(Code.E0603, f"`model_type` in `{path}` must be a string, got {_json_type(model_type)}")
     from transformers import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
-        raise error("E0606", f"unknown model_type `{model_type}` in `{path}`",
+        raise error(Code.E0606, f"unknown model_type `{model_type}` in `{path}`",
                     help=did_you_mean(model_type, _known_model_types(),
                                       listing="this transformers knows")
                     or "this transformers version does not know the architecture")
@@ -109,14 +109,14 @@ def validate_config(path: Path, *, trust_remote_code: bool = False) -> dict:
         defaults = {}
     for key, value in config.items():
         if key in defaults and not _fits(defaults[key], value, key):
-            raise error("E0603", f"`{key}` in `{path}` is {_json_type(value)} "
+            raise error(Code.E0603, f"`{key}` in `{path}` is {_json_type(value)} "
                                  f"({json.dumps(value)[:40]}), expected {_json_type(defaults[key])}",
                         help="the checkpoint's config.json is corrupt or hand-edited")
     if archs:
         import transformers
 
         if not any(hasattr(transformers, a) for a in archs):
-            raise error("E0606", f"unknown architecture {', '.join(f'`{a}`' for a in archs)} in "
+            raise error(Code.E0606, f"unknown architecture {', '.join(f'`{a}`' for a in archs)} in "
                                  f"`{path}`",
                         help="this transformers version has no such model class; check "
                              "`architectures`")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from surgery import atomic
-from surgery.diagnostics import Diagnostic, SurgeryError
+from surgery.diagnostics import Code, Diagnostic, SurgeryError
 
 # Room kept for the manifest, tokenizer and filesystem overhead beyond the tensors.
 SIZE_SLACK_BYTES = 16 << 20
@@ -63,28 +63,28 @@ def output_problem(path: str, model: nn.Module | None = None) -> tuple[str, str,
     while not os.path.lexists(existing):
         existing = existing.parent
     if existing != absolute and not existing.is_dir():
-        return ("E0802", f"cannot create `{path}`: `{existing}` is a file, not a directory",
+        return (Code.E0802, f"cannot create `{path}`: `{existing}` is a file, not a directory",
                 "choose an output path whose parent folders are directories")
     if existing == absolute:
         if not absolute.is_dir():
-            return ("E0802", f"refusing to replace `{path}`: it exists and is a file",
+            return (Code.E0802, f"refusing to replace `{path}`: it exists and is a file",
                     "choose a new output path or remove it first")
         try:
             foreign = any(absolute.iterdir()) and not (absolute / "surgery.json").exists()
         except OSError as e:
-            return ("E0802", f"cannot read `{path}`: {e.strerror}", "check its permissions")
+            return (Code.E0802, f"cannot read `{path}`: {e.strerror}", "check its permissions")
         if foreign:
-            return ("E0802", f"refusing to replace `{path}`: it is a non-empty directory that "
+            return (Code.E0802, f"refusing to replace `{path}`: it is a non-empty directory that "
                              "surgery did not write", "choose a new output path or remove it first")
     parent = existing if existing != absolute else absolute.parent
     if not _writable(parent):
-        return ("E0802", f"cannot write to `{parent}` (permission denied or read-only)",
+        return (Code.E0802, f"cannot write to `{parent}` (permission denied or read-only)",
                 "choose an output path in a writable directory")
     if model is not None:
         need = estimated_bytes(model) + SIZE_SLACK_BYTES
         free = _free_bytes(parent)
         if free < need:
-            return ("E0805", f"not enough disk space for `{path}`: the artifact needs about "
+            return (Code.E0805, f"not enough disk space for `{path}`: the artifact needs about "
                              f"{_fmt(need)}, and {_fmt(free)} is free on that filesystem",
                     "free some space or save to another disk")
     return None
@@ -105,7 +105,7 @@ def check_output(program, path: str | None, model: nn.Module | None = None, *,
         try:
             atomic.claim(path)
         except atomic.OutputLocked as e:
-            problem = ("E0804", str(e), "wait for the other run to finish, or write elsewhere")
+            problem = (Code.E0804, str(e), "wait for the other run to finish, or write elsewhere")
     if problem is None:
         return
     code, message, help_ = problem

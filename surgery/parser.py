@@ -16,7 +16,7 @@ from lark import v_args
 from lark.visitors import Transformer_NonRecursive
 
 from surgery import ast, fastparse, verbs
-from surgery.diagnostics import Diagnostic, SurgeryError, did_you_mean, suggest
+from surgery.diagnostics import Code, Diagnostic, SurgeryError, did_you_mean, suggest
 from surgery.source import SourceFile, Span
 
 DECLARATION_KEYWORDS = ("surgery", "model", "data", "let", "expect")
@@ -206,7 +206,7 @@ class _ToAst(Transformer_NonRecursive):
     def _finite(self, text: str, meta) -> float:
         value = float(text)
         if not math.isfinite(value):
-            raise _AstError(Diagnostic("E0105", f"number `{text}` is out of range",
+            raise _AstError(Diagnostic(Code.E0105, f"number `{text}` is out of range",
                                        self._span(meta), help="the largest number is about 1.8e308"))
         return value
 
@@ -214,7 +214,7 @@ class _ToAst(Transformer_NonRecursive):
         text = str(tok)
         if len(text) > MAX_NUMBER_DIGITS:
             raise _AstError(Diagnostic(
-                "E0105", f"number with {len(text)} characters is too long", self._span(tok),
+                Code.E0105, f"number with {len(text)} characters is too long", self._span(tok),
                 help=f"numbers have at most {MAX_NUMBER_DIGITS} characters; use an exponent "
                      "such as 1e9"))
         return text
@@ -371,7 +371,7 @@ def _too_deep(stmt: ast.Node) -> Diagnostic | None:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_EXPR_DEPTH:
-            return Diagnostic("E0104", f"expression nested more than {MAX_EXPR_DEPTH} levels deep",
+            return Diagnostic(Code.E0104, f"expression nested more than {MAX_EXPR_DEPTH} levels deep",
                               node.span, help="split it with `let` declarations")
         for value in node.__dict__.values():
             if isinstance(value, ast.Node):

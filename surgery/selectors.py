@@ -23,7 +23,7 @@ from functools import lru_cache
 import regex  # the `re` API plus a per-match timeout
 import torch.nn as nn
 
-from surgery.diagnostics import Diagnostic, SurgeryError, suggest
+from surgery.diagnostics import Code, Diagnostic, SurgeryError, suggest
 from surgery.source import Span
 
 
@@ -135,7 +135,7 @@ class Regex(Selector):
 
     def _too_slow(self, path: str) -> Diagnostic:
         return Diagnostic(
-            "E0404", f"re(\"{self.pattern}\") takes too long to match `{path}`", self.span,
+            Code.E0404, f"re(\"{self.pattern}\") takes too long to match `{path}`", self.span,
             help="the pattern backtracks catastrophically (a repeated group that can match the "
                  "same text in many ways, such as `(.*)*`); simplify it or use modules(\"...\")")
 
