@@ -77,6 +77,16 @@ def exchange_supported(tmp_path: Path) -> bool:
     return ok
 
 
+def wait_for_stage(p: subprocess.Popen, stage: str) -> None:
+    """Read the writer's stderr up to the announcement of pause ``stage``."""
+    seen = []
+    for line in p.stderr:
+        seen.append(line.strip())
+        if line.startswith(f"surgery-test-pause {stage}"):
+            return
+    raise AssertionError(f"no pause {stage!r}; saw {seen}")
+
+
 def _kill_in_window(out: Path, version: str, pause: float, exchange: bool, seen_missing: list):
     """Start a writer, wait for its first publish pause, kill it at a random moment of the
     window, while a thread watches the output path for a missing instant."""
@@ -91,8 +101,7 @@ def _kill_in_window(out: Path, version: str, pause: float, exchange: bool, seen_
     w.start()
     p = writer(out, version, pause=pause, exchange=exchange)
     try:
-        line = p.stderr.readline()
-        assert line.startswith("surgery-test-pause"), line
+        wait_for_stage(p, "publish")  # then "exchanged": the window spans both pauses
         time.sleep(random.uniform(0, 2 * pause))
         p.send_signal(signal.SIGKILL)
         p.wait(10)
@@ -102,7 +111,6 @@ def _kill_in_window(out: Path, version: str, pause: float, exchange: bool, seen_
         w.join()
         if p.poll() is None:
             p.kill()
-    return line.split()[-1]
 
 
 def test_kills_at_the_swap_never_leave_the_output_missing(tmp_path):
@@ -138,9 +146,8 @@ def test_fallback_kill_between_renames_is_restored_by_the_next_run(tmp_path):
         for name in ("a.bin", "b.bin"):
             (t / name).write_bytes(b"0" * 100_000)
         (t / "surgery.json").write_text("0")
-    p = writer(out, "1", pause=2, exchange=False)
-    assert p.stderr.readline().split()[-1] == "publish"
-    assert p.stderr.readline().split()[-1] == "between-renames"
+    p = writer(out, "1", pause=1, exchange=False)
+    wait_for_stage(p, "between-renames")
     p.kill()
     p.wait(10)
     assert not out.exists()  # the window the fallback has
