@@ -15,7 +15,7 @@ from surgery.diagnostics import SurgeryError
 from surgery.models import LoadedModel, remote_code
 from surgery.outputs import check_output
 from surgery.outputs import release as release_output
-from surgery.parser import parse
+from surgery.parser import gc_paused, parse
 from surgery.progress import Progress
 from surgery.runner import Result, Runner, subject_for
 from surgery.source import SourceFile
@@ -34,7 +34,8 @@ class Program:
     def check(self) -> CheckedProgram:
         """Static checks: names, methods, parameters. Raises SurgeryError."""
         if self._checked is None:
-            self._checked = check(self.ast, self.source)
+            with gc_paused():  # the AST is long-lived: no cyclic-GC rescans while checking it
+                self._checked = check(self.ast, self.source)
         return self._checked
 
     def plan(self, model: str | nn.Module | LoadedModel | None = None, *,

@@ -71,11 +71,15 @@ def _build(table) -> lark.Lark:
 # ---------------------------------------------------------------------------- statement split
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'')
 
 
 def _depth_change(line: str) -> int:
     """Bracket depth change over a line, ignoring strings and comments."""
-    if "#" not in line and '"' not in line and "'" not in line:  # the common case, in C
+    if '"' in line or "'" in line:
+        line = _STRING.sub("", line)  # complete strings, left to right, as the loop reads them
+    if '"' not in line and "'" not in line:  # the common case, in C
+        line = line.split("#", 1)[0]
         return line.count("(") + line.count("[") - line.count(")") - line.count("]")
     depth, i, quote = 0, 0, None
     while i < len(line):
@@ -147,7 +151,7 @@ def _balanced(op: str, items: list, lo: int, hi: int):
         return items[lo]
     mid = lo + (hi - lo) // 2
     left, right = _balanced(op, items, lo, mid), _balanced(op, items, mid, hi)
-    return ast.BinOp(op=op, left=left, right=right, span=Span.cover(left.span, right.span))
+    return _binop(op, left, right, Span.cover(left.span, right.span))
 
 
 def chain_binop(left, op: str, right, span: Span):
@@ -159,9 +163,14 @@ def chain_binop(left, op: str, right, span: Span):
         ops = left.operands if chained else [_finish(left)]
         right = _finish(right)
         ops.append(right)
-        node = ast.BinOp(op=op, left=left.node if chained else ops[0], right=right, span=span)
+        node = _binop(op, left.node if chained else ops[0], right, span)
         return _Chain(op, ops, node)
-    return ast.BinOp(op=op, left=_finish(left), right=_finish(right), span=span)
+    return _binop(op, _finish(left), _finish(right), span)
+
+
+def _binop(op: str, left, right, span: Span):
+    # Unvalidated: the operands are AST nodes and op is a grammar token (hot in long scripts).
+    return fastparse._new(ast.BinOp, op=op, left=left, right=right, span=span)
 
 
 def string_value(token: str):
@@ -443,9 +452,10 @@ def _syntax_error(e: lark.exceptions.LarkError, src: SourceFile, base: int, end:
 # ---------------------------------------------------------------------------- entry point
 
 @contextlib.contextmanager
-def _gc_paused():
-    """Parsing allocates a few objects per token and frees none of them: with the cyclic
-    collector on, its full passes over a growing heap doubled the time of a 10,000-line script."""
+def gc_paused():
+    """Parsing and checking allocate a few objects per token and free none of them: with the
+    cyclic collector on, its passes over the growing heap made a 50,000-line script take 2-3x
+    longer. Nothing they build has reference cycles to collect."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -460,7 +470,7 @@ def parse(text: str, name: str = "<script>", *, fast: bool = True) -> ast.Script
 
     Each statement goes through surgery/fastparse.py first (several times faster, same AST) and
     through lark when that parser declines it; ``fast=False`` uses lark only (tests compare)."""
-    with _gc_paused():
+    with gc_paused():
         return _parse(text, name, fast=fast)
 
 

@@ -201,6 +201,7 @@ def resolve(selector: Selector, model: nn.Module) -> list[str]:
     return [n for n in names if n in hit]
 
 
+@lru_cache(maxsize=4096)  # generated scripts repeat patterns; regex.compile is slow even cached
 def validate_regex(pattern: str) -> str | None:
     """None if ``pattern`` compiles (with Python's `re` wording for errors, and with `regex`,
     which runs it)."""
