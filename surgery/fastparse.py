@@ -21,7 +21,7 @@ import math
 import re
 
 from surgery import ast, verbs
-from surgery import parser as _parser  # noqa: E402 - circular, used only at call time
+from surgery.astbuild import _finish, _new, string_value
 from surgery.source import SourceFile, Span, _span
 
 FAST_DEPTH = 40  # deeper nesting goes to lark (iterative there), never to Python's recursion limit
@@ -65,28 +65,6 @@ _TOKEN = re.compile(r"""
   | (?P<compare><=|>=|==|<|>)
   | (?P<punct>[()\[\],=:%|&+\-*/])
 """, re.VERBOSE)
-
-
-def _new(cls, **fields):
-    """An AST node without pydantic validation: every field is given, of the right type, by the
-    code below (the lark path builds the same nodes validated; tests compare the two)."""
-    obj = object.__new__(cls)
-    values = {}
-    for name, default in _DEFAULTS[cls].items():  # in declaration order, as pydantic keeps them
-        values[name] = fields[name] if name in fields else (
-            list(default) if isinstance(default, list) else default)
-    object.__setattr__(obj, "__dict__", values)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(fields))
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
-    return obj
-
-
-_DEFAULTS = {cls: {name: (None if f.is_required() else f.default)
-                   for name, f in cls.model_fields.items()}
-             for cls in (ast.Name, ast.String, ast.Number, ast.Bool, ast.Ratio, ast.Percent,
-                     ast.ListExpr, ast.Keyword, ast.Call, ast.BinOp, ast.Neg, ast.VersionStmt, ast.ModelStmt,
-                     ast.DataStmt, ast.LetStmt, ast.ExpectStmt, ast.Clause, ast.VerbStmt)}
 
 
 class Fallback(Exception):
@@ -205,7 +183,7 @@ class _Parser:
                 return _new(ast.Percent, value=value, text=text, span=self.span(s, nxt[3])), s, nxt[3]
             return _new(ast.Number, value=value, text=text, span=self.span(s, e)), s, e
         if kind == "string":
-            return _new(ast.String, value=_parser.string_value(text), span=self.span(s, e)), s, e
+            return _new(ast.String, value=string_value(text), span=self.span(s, e)), s, e
         if kind == "word":
             if text in ("true", "false"):
                 return _new(ast.Bool, value=text == "true", span=self.span(s, e)), s, e
@@ -305,7 +283,7 @@ class _Parser:
             else:
                 what = _new(ast.Name, id=t[1], span=self.span(t[2], t[3]))
             path = self.expect("string")
-            node = _new(ast.String, value=_parser.string_value(path[1]), span=self.span(path[2], path[3]))
+            node = _new(ast.String, value=string_value(path[1]), span=self.span(path[2], path[3]))
             return self.done(_new(ast.VerbStmt, verb=word, verb_span=self.span(s, e),
                                           operands=[what, node], span=self.span(s, path[3])))
         if word in self.w.verbs:
@@ -346,8 +324,6 @@ class _Parser:
         return node
 
 
-def _finish(x):
-    return _parser._finish(x)
 
 
 def parse_statement(src: SourceFile, piece: str, base: int, *, number_limit: int, chain):

@@ -3,12 +3,10 @@ every syntax error at once."""
 
 from __future__ import annotations
 
-import ast as pyast
 import contextlib
 import gc
 import math
 import re
-import warnings
 from importlib import resources
 
 import lark
@@ -16,6 +14,7 @@ from lark import v_args
 from lark.visitors import Transformer_NonRecursive
 
 from surgery import ast, fastparse, verbs
+from surgery.astbuild import _finish, chain_binop, string_value
 from surgery.diagnostics import Code, Diagnostic, SurgeryError, did_you_mean, suggest
 from surgery.source import SourceFile, Span
 
@@ -32,7 +31,6 @@ def statement_keywords() -> tuple[str, ...]:
 # union of thousands of globs nests only log2(n) deep and never meets this limit.
 MAX_EXPR_DEPTH = 100
 MAX_NUMBER_DIGITS = 40  # longer numerals are refused with E0105 (int() of huge strings is slow)
-_BALANCE_AT = 16  # rebalance `|`/`&` chains with more operands than this (short ones stay as written)
 
 # What the terminals look like, for "expected ..." messages.
 _TERMINAL_TEXT = {
@@ -134,64 +132,6 @@ def split_statements(src: SourceFile) -> tuple[list[tuple[int, int]], list[Diagn
 
 
 # ---------------------------------------------------------------------------- tree -> AST
-
-class _Chain:
-    """A left-deep chain of one associative selector operator (`|` or `&`) while the tree is
-    transformed. Short chains keep their left-deep BinOp as written; long ones are rebalanced before
-    any other rule sees them (so later stages recurse log2(n) deep, not n)."""
-
-    __slots__ = ("op", "operands", "node")
-
-    def __init__(self, op: str, operands: list, node):
-        self.op, self.operands, self.node = op, operands, node
-
-
-def _balanced(op: str, items: list, lo: int, hi: int):
-    if hi - lo == 1:
-        return items[lo]
-    mid = lo + (hi - lo) // 2
-    left, right = _balanced(op, items, lo, mid), _balanced(op, items, mid, hi)
-    return _binop(op, left, right, Span.cover(left.span, right.span))
-
-
-def chain_binop(left, op: str, right, span: Span):
-    """A BinOp, or for `|`/`&` a _Chain (shared by the lark transformer and surgery/fastparse.py).
-    Only the left operand continues a chain: a right operand of the same operator was
-    parenthesised, and stays a unit as written."""
-    if op in "|&":
-        chained = isinstance(left, _Chain) and left.op == op
-        ops = left.operands if chained else [_finish(left)]
-        right = _finish(right)
-        ops.append(right)
-        node = _binop(op, left.node if chained else ops[0], right, span)
-        return _Chain(op, ops, node)
-    return _binop(op, _finish(left), _finish(right), span)
-
-
-def _binop(op: str, left, right, span: Span):
-    # Unvalidated: the operands are AST nodes and op is a grammar token (hot in long scripts).
-    return fastparse._new(ast.BinOp, op=op, left=left, right=right, span=span)
-
-
-def string_value(token: str):
-    """The value of a STRING token (Python escapes; an unknown escape such as "\\:" stays)."""
-    if "\\" not in token and "\r" not in token:  # nothing to unescape: skip the Python compiler
-        return token[1:-1]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pyast.literal_eval(token)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return token[1:-1]
-
-
-def _finish(x):
-    if not isinstance(x, _Chain):
-        return x
-    if len(x.operands) <= _BALANCE_AT:
-        return x.node
-    return _balanced(x.op, x.operands, 0, len(x.operands))
-
 
 class _ToAst(Transformer_NonRecursive):
     """Lark tree -> AST without recursion (lark's plain Transformer recurses once per tree level
