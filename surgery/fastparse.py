@@ -129,8 +129,9 @@ class _Parser:
     # -- expressions (nodes carry their span; s/e are piece offsets)
     def expr(self, min_prec: int = 1):
         left, ls, le = self.unary()
+        toks = self.toks
         while True:
-            t = self.peek()
+            t = toks[self.i]
             prec = BINARY.get(t[1]) if t[0] == "punct" else None
             if prec is None or prec < min_prec:
                 return left, ls, le
@@ -140,7 +141,7 @@ class _Parser:
             le = re_
 
     def unary(self):
-        t = self.peek()
+        t = self.toks[self.i]
         if t[0] == "punct" and t[1] == "-":
             self.i += 1
             self.enter()

@@ -401,6 +401,11 @@ def gc_paused():
     try:
         yield
     finally:
+        # The objects made meanwhile sit in the youngest generation, and the first collection after
+        # re-enabling would scan them all at once. freeze + unfreeze moves them to the oldest
+        # generation (O(1), no scan), where they belong: an AST lives as long as its program.
+        gc.freeze()
+        gc.unfreeze()
         if was:
             gc.enable()
 
