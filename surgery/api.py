@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch.nn as nn
@@ -9,8 +11,11 @@ import torch.nn as nn
 from surgery import ast
 from surgery.binder import Plan, bind
 from surgery.check import CheckedProgram, check
-from surgery.models import LoadedModel, load_skeleton
-from surgery.parser import parse
+from surgery.diagnostics import SurgeryError, attach_source
+from surgery.models import LoadedModel, load_skeleton, remote_code
+from surgery.outputs import check_output
+from surgery.outputs import release as release_output
+from surgery.parser import gc_paused, parse
 from surgery.progress import Progress
 from surgery.runner import Result, Runner, load_models, plan_for, subject_for
 from surgery.source import SourceFile
@@ -29,11 +34,17 @@ class Program:
     def check(self) -> CheckedProgram:
         """Static checks: names, methods, parameters. Raises SurgeryError."""
         if self._checked is None:
-            self._checked = check(self.ast, self.source)
+            with gc_paused():  # the AST is long-lived: no cyclic-GC rescans while checking it
+                self._checked = check(self.ast, self.source)
         return self._checked
 
-    def plan(self, model: str | nn.Module | LoadedModel | None = None) -> Plan:
+    def plan(self, model: str | nn.Module | LoadedModel | None = None, *,
+             trust_remote_code: bool = False) -> Plan:
         """Bind to a model (default: the script's model, as a weightless skeleton)."""
+        with remote_code(trust_remote_code):
+            return self._plan(model)
+
+    def _plan(self, model) -> Plan:
         checked = self.check()
         # A structural skeleton (no model code imported) serves unless a pass's plan-time checks
         # run the model's forward.
@@ -44,22 +55,40 @@ class Program:
         models = {checked.subject.name: subject.model} if checked.subject else {}
         for name, decl in checked.models.items():
             if name not in models:
-                models[name] = load_skeleton(decl.source, structural=structural).model
-        return bind(checked, subject.model, subject_source=subject.source,
+                try:
+                    models[name] = load_skeleton(decl.source, structural=structural).model
+                except SurgeryError as e:  # locate it at its own declaration
+                    raise attach_source(e, checked.source, decl.span) from None
+        plan = bind(checked, subject.model, subject_source=subject.source,
                     skeleton=subject.is_skeleton, models=models)
+        # Output path, parent writability and free space against the model's size: known now.
+        check_output(checked, checked.save_path, subject.model)
+        return plan
 
     def apply(self, model: str | nn.Module | LoadedModel | None = None, *, seed: int = 0,
               output: str | Path | None = None, progress: Progress | None = None,
-              trust_pickle: bool = False) -> Result:
-        """Run the script on ``model`` (default: load the script's model). The model is edited
-        in place; outputs are written only if every expectation holds."""
+              trust_pickle: bool = False, inplace: bool = False,
+              trust_remote_code: bool = False) -> Result:
+        """Run the script on ``model`` (default: load the script's model) and return the new
+        model in ``Result.model``. A module you pass in is copied first and never modified,
+        unless ``inplace=True`` (no copy: less memory, and your module is edited). Outputs are
+        written only if every expectation holds."""
         checked = self.check()
-        subject = subject_for(checked, model, skeleton=False, trust_pickle=trust_pickle)
+        if not inplace and isinstance(model, nn.Module):
+            model = copy.deepcopy(model)
+        elif not inplace and isinstance(model, LoadedModel):
+            model = dataclasses.replace(model, model=copy.deepcopy(model.model))
+        with remote_code(trust_remote_code):
+            subject = subject_for(checked, model, skeleton=False, trust_pickle=trust_pickle)
         runner = Runner(checked, seed=seed, progress=progress, trust_pickle=trust_pickle)
-        loaded = load_models(checked, subject, progress=runner.progress,
-                             trust_pickle=trust_pickle)
-        return runner.run(plan_for(checked, loaded),
-                          loaded, output=str(output) if output is not None else None)
+        out = str(output) if output is not None else None
+        try:
+            with remote_code(trust_remote_code):
+                loaded = load_models(checked, subject, progress=runner.progress,
+                                     trust_pickle=trust_pickle)
+                return runner.run(plan_for(checked, loaded), loaded, output=out)
+        finally:
+            release_output(out or checked.save_path)  # the runner's claim on the output
 
     def to_text(self) -> str:
         from surgery.printer import to_text
@@ -72,11 +101,9 @@ def compile(text_or_path: str | Path) -> Program:
     p = Path(text_or_path) if not isinstance(text_or_path, Path) else text_or_path
     if isinstance(text_or_path, Path) or (
             "\n" not in str(text_or_path) and str(text_or_path).endswith(".surg")):
-        from surgery.diagnostics import error
+        from surgery.scriptfile import read_script
 
-        if not p.exists():
-            raise error("E0602", f"script `{p}` does not exist")
-        return Program(p.read_text(), str(p))
+        return Program(read_script(p), str(p))
     return Program(str(text_or_path))
 
 

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--format", choices=["text", "json"], default="text")
         sp.add_argument("--trust-pickle", action="store_true",
                         help="allow loading pickle (.bin/.pt) weights")
+        sp.add_argument("--trust-remote-code", action="store_true",
+                        help="allow running Python code shipped with a checkpoint (auto_map)")
         return sp
 
     script_cmd("check", "static checks (and binding on the model's skeleton when it is known)")
@@ -47,16 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_program(path: str):
     from surgery.api import Program
-    from surgery.diagnostics import error
+    from surgery.scriptfile import read_script
 
-    p = Path(path)
-    if not p.exists():
-        raise error("E0602", f"script `{path}` does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise error("E0602", f"script `{path}` is not UTF-8 text")
-    return Program(text, str(path))
+    return Program(read_script(path), str(path))
 
 
 def _fmt_bytes(n: int) -> str:
@@ -90,7 +85,7 @@ def cmd_check(args, console) -> int:
     checked = prog.check()
     bound = None
     if args.model or checked.subject is not None:
-        bound = prog.plan(args.model)
+        bound = prog.plan(args.model, trust_remote_code=args.trust_remote_code)
     if args.format == "json":
         print(json.dumps({"ok": True, "diagnostics": [],
                           "bound": bound.to_json() if bound else None}, indent=2))
@@ -102,7 +97,7 @@ def cmd_check(args, console) -> int:
 
 def cmd_plan(args, console) -> int:
     prog = _load_program(args.file)
-    plan = prog.plan(args.model)
+    plan = prog.plan(args.model, trust_remote_code=args.trust_remote_code)
     if args.format == "json":
         print(json.dumps(plan.to_json(), indent=2))
     else:
@@ -119,7 +114,7 @@ def cmd_apply(args, console) -> int:
     else:
         progress = RichProgress() if sys.stderr.isatty() else LogProgress()
     result = prog.apply(args.model, seed=args.seed, output=args.output, progress=progress,
-                        trust_pickle=args.trust_pickle)
+                        trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
     rep = result.report
     if args.format == "json":
         print(json.dumps(rep.to_json(), indent=2, default=str))
@@ -203,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True)
     handler = {"check": cmd_check, "plan": cmd_plan, "apply": cmd_apply,
                "passes": cmd_passes, "explain": cmd_explain}[args.command]
+    from surgery import atomic, interrupts
+
     try:
-        return handler(args, console)
+        with interrupts.handled():
+            return handler(args, console)
     except SurgeryError as e:
         if getattr(args, "format", "text") == "json":
             print(json.dumps({"ok": False, "diagnostics": [d.to_json() for d in e.diagnostics]},
@@ -212,13 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             err.print(e.render(), markup=False, highlight=False)
         return EXIT_USER
-    except KeyboardInterrupt:
-        err.print("interrupted; no artifact was written")
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into interrupts.Terminated
+        err.print(interrupts.describe(e), markup=False, highlight=False)
+        return interrupts.exit_code(e)
     except Exception:  # a bug in surgery, not a user mistake
         err.print("internal error (this is a bug in surgery; please report it):", markup=False)
         err.print(traceback.format_exc(), markup=False, highlight=False)
         return EXIT_INTERNAL
+    finally:
+        atomic.release_all()  # output locks (their .lock files go with them)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from surgery.diagnostics import error
+from surgery.diagnostics import Code, error
 
 CORPORA = ("pydoc",)
 
@@ -54,7 +54,7 @@ def pydoc_topics() -> dict[str, str]:
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     if tokenizer is None:
-        raise error("E0700", "this data needs a tokenizer, and the model has none",
+        raise error(Code.E0700, "this data needs a tokenizer, and the model has none",
                     help="data declarations work with `zoo:` and `hf:` models that ship a tokenizer")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
@@ -69,7 +69,7 @@ def split_stream(ids: torch.Tensor, *, name: str, samples: int, seqlen: int, see
     n_eval = int(n * eval_fraction)
     calib_part, eval_part = ids[: n - n_eval], ids[n - n_eval:]
     if calib_part.numel() < seqlen + 1 or eval_part.numel() < seqlen:
-        raise error("E0700", f"data `{name}` has {n} tokens, too few for seqlen={seqlen}",
+        raise error(Code.E0700, f"data `{name}` has {n} tokens, too few for seqlen={seqlen}",
                     help="use a shorter seqlen or a longer text")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, calib_part.numel() - seqlen, (samples,), generator=g)
@@ -99,10 +99,16 @@ def text_file(tokenizer, path: str | Path, *, samples: int = 64, seqlen: int = 2
     p = Path(path)
     if not p.exists():
         raise error("E0602", f"text file `{path}` does not exist")
+    if not p.is_file():
+        raise error(Code.E0700, f"`{path}` is {'a directory' if p.is_dir() else 'not a regular file'}, "
+                             "not a text file", help="text(...) reads one UTF-8 file")
     try:
         text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise error("E0700", f"`{path}` is not UTF-8 text")
+    except UnicodeDecodeError as e:
+        raise error(Code.E0700, f"`{path}` is not UTF-8 text (byte {e.start} cannot be decoded)",
+                    help="convert the file to UTF-8") from None
+    except OSError as e:
+        raise error(Code.E0700, f"cannot read `{path}`: {e.strerror}") from None
     ids = tokenize_stream(tokenizer, text)
     return split_stream(ids, name=name, samples=samples, seqlen=seqlen, seed=seed,
                         eval_windows=eval_windows, description=f"text(\"{path}\")")

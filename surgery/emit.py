@@ -25,13 +25,12 @@ import torch.nn as nn
 
 from surgery import registry
 from surgery.atomic import atomic_dir
-from surgery.diagnostics import Diagnostic, SurgeryError, error
+from surgery.diagnostics import error
 from surgery.passapi import replace_module
 from surgery.tying import tied_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from surgery.binder import Plan
-    from surgery.check import CheckedProgram
     from surgery.data import Dataset
     from surgery.models import LoadedModel
 
@@ -86,22 +85,6 @@ def input_hashes(loaded: dict[str, "LoadedModel"]) -> dict[str, Any]:
     return {name: {"source": lm.source,
                    "files": {Path(f).name: sha256_file(Path(f)) for f in lm.files}}
             for name, lm in loaded.items()}
-
-
-def check_output_path(program: "CheckedProgram", path: str | None) -> None:
-    """Refuse, before any work, to replace something that is not a surgery artifact."""
-    if path is None:
-        return
-    p = Path(path)
-    problem = None
-    if p.exists() and not p.is_dir():
-        problem = f"`{path}` exists and is a file"
-    elif p.is_dir() and any(p.iterdir()) and not (p / "surgery.json").exists():
-        problem = f"`{path}` is a non-empty directory that surgery did not write"
-    if problem:
-        raise SurgeryError(Diagnostic("E0802", f"refusing to replace {problem}",
-                                      program.save_span, source=program.source,
-                                      help="choose a new output path or remove it first"))
 
 
 def split_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -15,6 +15,7 @@ and planning never read weights.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import io
@@ -24,7 +25,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,25 @@ from surgery.diagnostics import SurgeryError, error
 from surgery.modelcall import ModelKind
 from surgery.paths import cache_root  # noqa: F401 - re-exported: models.cache_root
 from surgery.zoo import ZOO, ZOO_CONFIG_DIR, ZooEntry  # noqa: F401 - re-exported
+
+# Whether checkpoint code (config.json `auto_map`) may run: set for one plan/apply by the API
+# (`trust_remote_code=True`, CLI `--trust-remote-code`), read wherever a config is loaded, so that
+# every loader along the way agrees. Never prompt: transformers gets an explicit True/False.
+TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_remote_code",
+                                                                         default=False)
+
+
+@contextlib.contextmanager
+def remote_code(allowed: bool) -> Iterator[None]:
+    token = TRUST_REMOTE_CODE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        TRUST_REMOTE_CODE.reset(token)
+
+
+def _trusted(flag: bool | None) -> bool:
+    return TRUST_REMOTE_CODE.get() if flag is None else flag
 
 
 @dataclass
@@ -176,17 +196,20 @@ def _hf_dir(path: str) -> Path:
     return d
 
 
-def config_for(source: str) -> dict:
+def config_for(source: str, *, trust_remote_code: bool | None = None) -> dict:
     scheme, rest = parse_source(source)
     if scheme == "zoo":
         _check_zoo_name(rest)
         return zoo_config(rest)
-    d = _hf_dir(rest)
-    try:
-        return json.loads((d / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise error("E0603", f"{d / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno})",
-                    help="the checkpoint's config.json is corrupt")
+    return read_config(_hf_dir(rest), trust_remote_code=trust_remote_code)
+
+
+def read_config(d: Path, *, trust_remote_code: bool | None = None) -> dict:
+    """config.json of an `hf:` directory, validated (surgery/config_check.py), so that `check`,
+    `plan` and `apply` refuse the same configs with the same located error."""
+    from surgery.config_check import validate_config
+
+    return validate_config(d / "config.json", trust_remote_code=_trusted(trust_remote_code))
 
 
 def _model_class(config: dict):
@@ -197,6 +220,9 @@ def _model_class(config: dict):
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
+    if config.get("auto_map"):  # remote code, allowed by --trust-remote-code (config_check)
+        causal = any(str(a).endswith("ForCausalLM") for a in archs)
+        return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     return transformers.AutoModel
 
 
@@ -210,25 +236,42 @@ def _hf_config(config: dict):
     return AutoConfig.for_model(model_type, **cfg)
 
 
-def build_skeleton(config: dict) -> nn.Module:
+def build_skeleton(config: dict, directory: Path | None = None) -> nn.Module:
     """The architecture on the meta device: no weights read, no memory used."""
     cls = _model_class(config)
-    with _quiet(), torch.device("meta"):
-        model = cls._from_config(_hf_config(config), dtype=torch.float32)
+    try:
+        with _quiet(), torch.device("meta"):
+            if config.get("auto_map") and directory is not None:  # trusted remote code
+                from transformers import AutoConfig
+
+                hf_cfg = AutoConfig.from_pretrained(str(directory), trust_remote_code=True,
+                                                    local_files_only=True)
+                model = cls.from_config(hf_cfg, trust_remote_code=True, dtype=torch.float32)
+            else:
+                model = cls._from_config(_hf_config(config), dtype=torch.float32)
+    except SurgeryError:
+        raise
+    except Exception as e:  # values transformers rejects only while building the model
+        raise error("E0603", f"cannot build the model from its config.json: "
+                             f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}",
+                    help="the config's values do not fit together; compare it with a config "
+                         "saved by transformers")
     model.eval()
     return model
 
 
-def load_skeleton(source: str, *, structural: bool = True) -> LoadedModel:
+def load_skeleton(source: str, *, structural: bool = True,
+                  trust_remote_code: bool | None = None) -> LoadedModel:
     """The weightless skeleton of ``source``. With ``structural``, a cached description of the
     module tree is used when there is one (surgery/skeleton.py: no model code is imported);
     otherwise the architecture is built from its code and described for next time."""
     from surgery import skeleton
 
-    config = config_for(source)
+    config = config_for(source, trust_remote_code=trust_remote_code)
     model = skeleton.cached(config) if structural else None
     if model is None:
-        model = build_skeleton(config)
+        scheme, rest = parse_source(source)
+        model = build_skeleton(config, Path(rest).expanduser() if scheme == "hf" else None)
         skeleton.store(config, model)
     return LoadedModel(model, source, None, config, [], is_skeleton=True)
 
@@ -248,37 +291,44 @@ def _weight_files(d: Path, trust_pickle: bool) -> list[Path]:
     return pickles
 
 
-def load_hf_dir(d: Path, *, trust_pickle: bool = False, source: str | None = None) -> LoadedModel:
-    config = json.loads((d / "config.json").read_text())
+def load_hf_dir(d: Path, *, trust_pickle: bool = False, source: str | None = None,
+                trust_remote_code: bool | None = None) -> LoadedModel:
+    trust_remote_code = _trusted(trust_remote_code)
+    config = read_config(d, trust_remote_code=trust_remote_code)
     files = _weight_files(d, trust_pickle)
     cls = _model_class(config)
     try:
         with _quiet():
+            # trust_remote_code is passed explicitly, so transformers never prompts; read_config
+            # has already refused remote code unless the user allowed it.
             model = cls.from_pretrained(str(d), dtype=torch.float32, local_files_only=True,
-                                        use_safetensors=files[0].suffix == ".safetensors")
+                                        use_safetensors=files[0].suffix == ".safetensors",
+                                        trust_remote_code=trust_remote_code)
     except SurgeryError:
         raise
     except Exception as e:  # a corrupt or mismatched checkpoint: say so, no traceback
         raise error("E0603", f"cannot load weights from `{d}`: {str(e).splitlines()[0][:300]}",
                     help="the checkpoint is corrupt or does not match its config.json")
     model.eval()
-    tokenizer = load_tokenizer(d)
+    tokenizer = load_tokenizer(d, trust_remote_code)
     return LoadedModel(model, source or f"hf:{d}", tokenizer, config, files)
 
 
-def load_tokenizer(d: Path):
+def load_tokenizer(d: Path, trust_remote_code: bool = False):
     if not any((d / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
     from transformers import AutoTokenizer
 
     try:
         with _quiet():
-            return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(d), local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
     except Exception:
         return None
 
 
-def load_model(source: str | nn.Module, *, trust_pickle: bool = False) -> LoadedModel:
+def load_model(source: str | nn.Module, *, trust_pickle: bool = False,
+               trust_remote_code: bool | None = None) -> LoadedModel:
     """Load a model with weights. ``source`` is 'zoo:NAME', 'hf:DIR' or an nn.Module."""
     if isinstance(source, nn.Module):
         return LoadedModel(source, f"python:{type(source).__name__}")
@@ -296,7 +346,8 @@ def load_model(source: str | nn.Module, *, trust_pickle: bool = False) -> Loaded
             loaded.config = {**loaded.config, "_surgery_input_sha256": meta["sha256"]}
         return loaded
     d = _hf_dir(rest)
-    return load_hf_dir(d, trust_pickle=trust_pickle, source=source)
+    return load_hf_dir(d, trust_pickle=trust_pickle, source=source,
+                       trust_remote_code=trust_remote_code)
 
 
 def load_zoo(name: str) -> LoadedModel:

@@ -3,16 +3,19 @@ every syntax error at once."""
 
 from __future__ import annotations
 
-import ast as pyast
+import contextlib
+import gc
+import math
 import re
-import warnings
 from importlib import resources
 
 import lark
-from lark import Transformer, v_args
+from lark import v_args
+from lark.visitors import Transformer_NonRecursive
 
-from surgery import ast, verbs
-from surgery.diagnostics import Diagnostic, SurgeryError, did_you_mean, suggest
+from surgery import ast, fastparse, verbs
+from surgery.astbuild import _finish, chain_binop, string_value
+from surgery.diagnostics import Code, Diagnostic, SurgeryError, did_you_mean, suggest
 from surgery.source import SourceFile, Span
 
 DECLARATION_KEYWORDS = ("surgery", "model", "data", "let", "expect")
@@ -21,6 +24,13 @@ DECLARATION_KEYWORDS = ("surgery", "model", "data", "let", "expect")
 def statement_keywords() -> tuple[str, ...]:
     """Words that start a statement: the declarations plus every verb of the verb table."""
     return DECLARATION_KEYWORDS + verbs.verb_names()
+
+# Documented limits (docs/language.md, "Limits"). Deeper nesting is refused with E0104 rather than
+# risking Python's recursion limit in later stages, which walk expressions recursively. Chains of
+# `|` or `&` are flattened and rebalanced (both are associative on module sets), so a generated
+# union of thousands of globs nests only log2(n) deep and never meets this limit.
+MAX_EXPR_DEPTH = 100
+MAX_NUMBER_DIGITS = 40  # longer numerals are refused with E0105 (int() of huge strings is slow)
 
 # What the terminals look like, for "expected ..." messages.
 _TERMINAL_TEXT = {
@@ -59,10 +69,16 @@ def _build(table) -> lark.Lark:
 # ---------------------------------------------------------------------------- statement split
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'')
 
 
 def _depth_change(line: str) -> int:
     """Bracket depth change over a line, ignoring strings and comments."""
+    if '"' in line or "'" in line:
+        line = _STRING.sub("", line)  # complete strings, left to right, as the loop reads them
+    if '"' not in line and "'" not in line:  # the common case, in C
+        line = line.split("#", 1)[0]
+        return line.count("(") + line.count("[") - line.count(")") - line.count("]")
     depth, i, quote = 0, 0, None
     while i < len(line):
         ch = line[i]
@@ -88,7 +104,8 @@ def split_statements(src: SourceFile) -> tuple[list[tuple[int, int]], list[Diagn
     chunks: list[list[int]] = []
     diags: list[Diagnostic] = []
     offset, depth = 0, 0
-    for raw in src.text.splitlines(keepends=True):
+    # "\n" ends a line, as in SourceFile; other characters str.splitlines breaks on do not.
+    for raw in re.findall(r"[^\n]*\n|[^\n]+$", src.text):
         line = raw.rstrip("\r\n")
         stripped = line.strip()
         start_of_line = offset
@@ -116,7 +133,11 @@ def split_statements(src: SourceFile) -> tuple[list[tuple[int, int]], list[Diagn
 
 # ---------------------------------------------------------------------------- tree -> AST
 
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
+    """Lark tree -> AST without recursion (lark's plain Transformer recurses once per tree level
+    and overflows Python's stack on a few hundred nested operators)."""
+
+
     def __init__(self, src: SourceFile, base: int):
         super().__init__()
         self.src, self.base = src, base
@@ -125,6 +146,28 @@ class _ToAst(Transformer):
         """Tokens and tree metadata both carry start_pos/end_pos within the statement."""
         return self.src.span_at(self.base + meta_or_tok.start_pos, self.base + meta_or_tok.end_pos)
 
+    def _call_userfunc(self, tree, new_children=None):
+        children = tree.children if new_children is None else new_children
+        if tree.data != "binop":
+            children = [_finish(c) for c in children]
+        return super()._call_userfunc(tree, children)
+
+    def _finite(self, text: str, meta) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _AstError(Diagnostic(Code.E0105, f"number `{text}` is out of range",
+                                       self._span(meta), help="the largest number is about 1.8e308"))
+        return value
+
+    def _number_text(self, tok) -> str:
+        text = str(tok)
+        if len(text) > MAX_NUMBER_DIGITS:
+            raise _AstError(Diagnostic(
+                Code.E0105, f"number with {len(text)} characters is too long", self._span(tok),
+                help=f"numbers have at most {MAX_NUMBER_DIGITS} characters; use an exponent "
+                     "such as 1e9"))
+        return text
+
     # atoms
     @v_args(meta=True)
     def name(self, meta, children):
@@ -132,23 +175,16 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def string(self, meta, children):
-        tok = children[0]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # unknown escapes like "\:" stay as written
-                value = pyast.literal_eval(str(tok))
-        except (ValueError, SyntaxError):
-            value = str(tok)[1:-1]
-        return ast.String(value=value, span=self._span(meta))
+        return ast.String(value=string_value(str(children[0])), span=self._span(meta))
 
     @v_args(meta=True)
     def number(self, meta, children):
-        text = str(children[0])
-        return ast.Number(value=float(text), text=text, span=self._span(meta))
+        text = self._number_text(children[0])
+        return ast.Number(value=self._finite(text, meta), text=text, span=self._span(meta))
 
     @v_args(meta=True)
     def ratio(self, meta, children):
-        a, b = (str(c) for c in children)
+        a, b = (self._number_text(c) for c in children)
         span = self._span(meta)
         for t in (a, b):
             if not t.isdigit():
@@ -158,8 +194,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def percent(self, meta, children):
-        text = str(children[0])
-        return ast.Percent(value=float(text), text=text, span=self._span(meta))
+        text = self._number_text(children[0])
+        return ast.Percent(value=self._finite(text, meta), text=text, span=self._span(meta))
 
     @v_args(meta=True)
     def boolean(self, meta, children):
@@ -197,7 +233,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def binop(self, meta, children):
         left, op, right = children
-        return ast.BinOp(op=str(op), left=left, right=right, span=self._span(meta))
+        return chain_binop(left, str(op), right, self._span(meta))
 
     @v_args(meta=True)
     def neg(self, meta, children):
@@ -210,6 +246,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def version_stmt(self, meta, children):
         tok = children[0]
+        self._number_text(tok)
         if not str(tok).isdigit():
             raise _AstError(Diagnostic("E0103", f"language version must be a whole number, "
                                        f"got `{tok}`", self._span(tok), help="write `surgery 1`"))
@@ -277,6 +314,22 @@ class _AstError(Exception):
         self.diag = diag
 
 
+def _too_deep(stmt: ast.Node) -> Diagnostic | None:
+    """E0104 at the first expression nested deeper than MAX_EXPR_DEPTH (walked without recursion)."""
+    stack = [(stmt, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_EXPR_DEPTH:
+            return Diagnostic(Code.E0104, f"expression nested more than {MAX_EXPR_DEPTH} levels deep",
+                              node.span, help="split it with `let` declarations")
+        for value in node.__dict__.values():
+            if isinstance(value, ast.Node):
+                stack.append((value, depth + 1))
+            elif isinstance(value, list):
+                stack.extend((v, depth + 1) for v in value if isinstance(v, ast.Node))
+    return None
+
+
 # ---------------------------------------------------------------------------- errors
 
 def _expected_text(expected: set[str]) -> str:
@@ -338,16 +391,62 @@ def _syntax_error(e: lark.exceptions.LarkError, src: SourceFile, base: int, end:
 
 # ---------------------------------------------------------------------------- entry point
 
-def parse(text: str, name: str = "<script>") -> ast.ScriptNode:
-    """Parse a whole script. Raises SurgeryError with every syntax error found."""
+@contextlib.contextmanager
+def gc_paused():
+    """Parsing and checking allocate a few objects per token and free none of them: with the
+    cyclic collector on, its passes over the growing heap made a 50,000-line script take 2-3x
+    longer. Nothing they build has reference cycles to collect."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        # The objects made meanwhile sit in the youngest generation, and the first collection after
+        # re-enabling would scan them all at once. freeze + unfreeze moves them to the oldest
+        # generation (O(1), no scan), where they belong: an AST lives as long as its program.
+        gc.freeze()
+        gc.unfreeze()
+        if was:
+            gc.enable()
+
+
+def parse(text: str, name: str = "<script>", *, fast: bool = True) -> ast.ScriptNode:
+    """Parse a whole script. Raises SurgeryError with every syntax error found.
+
+    Each statement goes through surgery/fastparse.py first (several times faster, same AST) and
+    through lark when that parser declines it; ``fast=False`` uses lark only (tests compare)."""
+    with gc_paused():
+        return _parse(text, name, fast=fast)
+
+
+def _parse(text: str, name: str, *, fast: bool) -> ast.ScriptNode:
     src = SourceFile(text, name)
     chunks, diags = split_statements(src)
     statements = []
     for start, end in chunks:
         piece = text[start:end]
+        if fast:
+            try:
+                stmt = fastparse.parse_statement(src, piece, start, number_limit=MAX_NUMBER_DIGITS,
+                                                 chain=chain_binop)
+            except fastparse.Fallback:
+                pass
+            else:
+                # Nesting deeper than MAX_EXPR_DEPTH takes at least that many characters.
+                deep = _too_deep(stmt) if len(piece) > MAX_EXPR_DEPTH else None
+                if deep is not None:
+                    diags.append(deep)
+                else:
+                    statements.append(stmt)
+                continue
         try:
             tree = _lark().parse(piece)
-            statements.append(_ToAst(src, start).transform(tree))
+            stmt = _finish(_ToAst(src, start).transform(tree))
+            deep = _too_deep(stmt)
+            if deep is not None:
+                diags.append(deep)
+                continue
+            statements.append(stmt)
         except lark.exceptions.VisitError as e:
             if isinstance(e.orig_exc, _AstError):
                 diags.append(e.orig_exc.diag)

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery import expectations
+from surgery import atomic, expectations
 from surgery.binder import Plan, PlanRow, bind
 from surgery.check import CheckedProgram
 from surgery.data import Dataset, corpus, text_file
-from surgery.diagnostics import Diagnostic, SurgeryError
-from surgery.emit import PROVENANCE, Provenance, check_output_path, input_hashes
+from surgery.diagnostics import Diagnostic, SurgeryError, attach_source
+from surgery.emit import PROVENANCE, Provenance, input_hashes
 from surgery.expectations import ExpectationRecord
 from surgery.models import LoadedModel, load_model, load_skeleton
+from surgery.outputs import check_output
 from surgery.passapi import PassError, RunContext, StepReport, leaves
 from surgery.progress import Progress
 
@@ -68,14 +69,8 @@ def load_data(program: CheckedProgram, tokenizer) -> dict[str, Dataset]:
             out[name] = load(tokenizer, d.source, samples=d.samples, seqlen=d.seqlen,
                              seed=d.seed, name=name, eval_windows=d.eval_windows)
         except SurgeryError as e:
-            raise _located(e, program, d.span)
+            raise attach_source(e, program.source, d.span)
     return out
-
-
-def _located(e: SurgeryError, program: CheckedProgram, span) -> SurgeryError:
-    for diag in e.diagnostics:
-        diag.span, diag.source = diag.span or span, program.source
-    return SurgeryError(e.diagnostics)
 
 
 def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Progress,
@@ -94,7 +89,7 @@ def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Prog
             try:
                 out[other] = load_model(decl.source, trust_pickle=trust_pickle)
             except SurgeryError as e:
-                raise _located(e, program, decl.span)
+                raise attach_source(e, program.source, decl.span)
     return out
 
 
@@ -121,7 +116,9 @@ class Runner:
         program = self.program
         if plan.model is None:
             raise ValueError("the plan is not bound to a real model: call plan.rebind(model)")
-        check_output_path(program, output or program.save_path)
+        check_output(program, output or program.save_path, plan.model, claim=True)
+        for note in atomic.take_notes():  # leftovers of killed runs, cleaned up by the claim
+            self.progress.log(f"note: {note}")
         torch.manual_seed(self.seed)
         subject_name = next(iter(loaded))
         tokenizer = next((lm.tokenizer for lm in loaded.values() if lm.tokenizer is not None),
@@ -224,4 +221,4 @@ def subject_for(program: CheckedProgram, model, *, skeleton: bool, structural: b
             return load_skeleton(source, structural=structural)
         return load_model(source, trust_pickle=trust_pickle)
     except SurgeryError as e:
-        raise _located(e, program, span)
+        raise attach_source(e, program.source, span)

@@ -2,7 +2,9 @@
 
 - ``modules("glob", ...)``: dotted module paths; ``*`` matches within one segment, ``**`` matches
   any number of whole segments (including none); ``?`` and ``[abc]`` work within a segment.
-- ``re("regex")``: full match of the module path.
+- ``re("regex")``: full match of the module path. Matching runs with a time budget per path
+  (REGEX_BUDGET_S); a pattern that backtracks catastrophically, such as ``(.*)*x``, is refused
+  with E0404 at the selector instead of hanging the compiler.
 - ``type(Name)``: modules whose class, or a base class, is named ``Name``.
 - ``a | b`` union, ``a & b`` intersection, ``a - b`` difference; ``-`` binds tighter than ``&``,
   which binds tighter than ``|`` (as in Python); parentheses group.
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 
+import regex  # the `re` API plus a per-match timeout
 import torch.nn as nn
 
-from surgery.diagnostics import Diagnostic, suggest
+from surgery.diagnostics import Code, Diagnostic, SurgeryError, suggest
 from surgery.source import Span
 
 
@@ -34,15 +39,32 @@ class Selector:
         return []
 
 
+REGEX_BUDGET_S = 0.05  # per module path; a slower match is refused (E0404)
+REGEX_TOTAL_BUDGET_S = 0.5  # per selector, over all paths
+
+
 def _segments_match(pattern: list[str], path: list[str]) -> bool:
-    if not pattern:
-        return not path
-    head = pattern[0]
-    if head == "**":
-        return any(_segments_match(pattern[1:], path[i:]) for i in range(len(path) + 1))
-    return bool(path) and fnmatch.fnmatchcase(path[0], head) and _segments_match(pattern[1:], path[1:])
+    """Dynamic programming over (pattern segment, path segment): O(len(pattern) x len(path))
+    segment comparisons. ``reach[j]`` says whether the pattern so far matches ``path[:j]``
+    (the naive backtracking version is exponential in the number of ``**`` segments)."""
+    n = len(path)
+    reach = [True] + [False] * n
+    for seg in pattern:
+        if seg == "**":  # whole segments, none included: every j at or after a reachable one
+            seen = False
+            for j in range(n + 1):
+                seen = seen or reach[j]
+                reach[j] = seen
+        else:
+            for j in range(n, 0, -1):
+                reach[j] = reach[j - 1] and fnmatch.fnmatchcase(path[j - 1], seg)
+            reach[0] = False
+        if not any(reach):
+            return False
+    return reach[n]
 
 
+@lru_cache(maxsize=1 << 16)
 def glob_match(pattern: str, name: str) -> bool:
     return _segments_match(pattern.split("."), name.split(".") if name else [])
 
@@ -79,17 +101,50 @@ class Glob(Selector):
         return out
 
 
+class RegexTooSlow(Exception):
+    def __init__(self, path: str):
+        self.path = path
+
+
+def regex_matches(pattern: str, names: list[str]) -> set[str]:
+    """Paths ``pattern`` fully matches, each match limited to REGEX_BUDGET_S and all of them to
+    REGEX_TOTAL_BUDGET_S. Raises RegexTooSlow naming the path that ran out of time."""
+    rx = regex.compile(pattern)
+    out, t0 = set(), time.perf_counter()
+    for n in names:
+        try:
+            if rx.fullmatch(n, timeout=REGEX_BUDGET_S):
+                out.add(n)
+        except TimeoutError:
+            raise RegexTooSlow(n) from None
+        if time.perf_counter() - t0 > REGEX_TOTAL_BUDGET_S:
+            raise RegexTooSlow(n)
+    return out
+
+
 @dataclass(frozen=True)
 class Regex(Selector):
     pattern: str
     allow_empty: bool = False
 
     def matches(self, model, names):
-        rx = re.compile(self.pattern)
-        return {n for n in names if rx.fullmatch(n)}
+        try:
+            return regex_matches(self.pattern, names)
+        except RegexTooSlow as e:  # problems() reports this first; binding never gets here
+            raise SurgeryError(self._too_slow(e.path)) from None
+
+    def _too_slow(self, path: str) -> Diagnostic:
+        return Diagnostic(
+            Code.E0404, f"re(\"{self.pattern}\") takes too long to match `{path}`", self.span,
+            help="the pattern backtracks catastrophically (a repeated group that can match the "
+                 "same text in many ways, such as `(.*)*`); simplify it or use modules(\"...\")")
 
     def problems(self, model, names):
-        if self.allow_empty or self.matches(model, names):
+        try:
+            hit = regex_matches(self.pattern, names)
+        except RegexTooSlow as e:
+            return [self._too_slow(e.path)]
+        if self.allow_empty or hit:
             return []
         return [Diagnostic("E0400", f"re(\"{self.pattern}\") matches no module path", self.span,
                            help="the regular expression must match the whole dotted path")]
@@ -146,9 +201,13 @@ def resolve(selector: Selector, model: nn.Module) -> list[str]:
     return [n for n in names if n in hit]
 
 
+@lru_cache(maxsize=4096)  # generated scripts repeat patterns; regex.compile is slow even cached
 def validate_regex(pattern: str) -> str | None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        return str(e)
+    """None if ``pattern`` compiles (with Python's `re` wording for errors, and with `regex`,
+    which runs it)."""
+    for engine in (re, regex):
+        try:
+            engine.compile(pattern)
+        except (re.error, regex.error, OverflowError, RecursionError, ValueError) as e:
+            return str(e) or type(e).__name__
     return None

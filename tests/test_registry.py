@@ -40,12 +40,14 @@ def test_entry_point_pass_is_discovered(monkeypatch):
                         lambda group=None: [ep] if group == "surgery.passes" else [])
     try:
         assert registry.get_pass("prune", "third_party_halve") is Halve
+        import torch
         import torch.nn as nn
 
         net = nn.Sequential(nn.Linear(4, 4))
         w = net[0].weight.detach().clone()
-        Program("prune type(Linear) to 50% using third_party_halve(factor=0.25)\n").apply(net)
-        assert (net[0].weight - 0.25 * w).abs().max() == 0
+        res = Program("prune type(Linear) to 50% using third_party_halve(factor=0.25)\n").apply(net)
+        assert (res.model[0].weight - 0.25 * w).abs().max() == 0
+        assert torch.equal(net[0].weight, w)  # apply works on a copy
     finally:
         registry._PASSES.pop(("prune", "third_party_halve"), None)
 

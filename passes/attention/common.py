@@ -59,6 +59,9 @@ class SwapPass(ModulePass):
     def check_module(self, path: str, module: nn.Module) -> str | None:
         if is_swapped(module):
             return f"softmax in {type(module).__name__} was already swapped"
+        if self.params.data is not None and _is_encoder(module):
+            return (f"data={self.params.data} measures perplexity, which needs a causal language "
+                    f"model, and {type(module).__name__} belongs to an encoder; drop data=")
         try:
             args, kwargs = example_inputs(module)
             stats = trace_stats(module, self.spec(), args, kwargs)
@@ -154,6 +157,18 @@ def _outermost(paths: list[str]) -> list[str]:
         if not any(p.startswith(q + ".") or q == "" for q in out):
             out.append(p)
     return out
+
+
+def _is_encoder(module: nn.Module) -> bool:
+    """True when the attention module's config says its model is not a causal LM (known at plan
+    time from the skeleton, so `data=` on an encoder fails in `check`, not minutes into `apply`).
+    Without a config there is nothing to go on, and the run-time check stays the guard."""
+    config = getattr(module, "config", None)
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        return False
+    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return not causal and not getattr(config, "is_decoder", False)
 
 
 def _perplexity(ctx: RunContext, ds) -> float:
