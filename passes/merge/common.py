@@ -1,6 +1,7 @@
 """The merge pass base class, parameters shared by every method, and the in-memory engine.
 
-Each method supplies a `TensorMerger` (pure tensor maths, see the method files); `MergePass`
+Each method supplies a `TensorMerger` (pure tensor maths: `taskvector.TaskVectorMerger` for every
+task-vector row, `linear._Linear` for averaging); `MergePass`
 resolves the declared models, checks that they match, merges one tensor at a time into a copy of
 the reference model and assigns it to `ctx.model`. The streamed engine (`stream.py`) drives the
 same mergers over safetensors shards.

@@ -78,16 +78,17 @@ class TaskVectorMerger(TensorMerger):
 
     def merge(self, name, base, tensors, kind):
         r = self.recipe
-        ct = torch.promote_types(base.dtype, torch.float32)  # float64 stays float64
-        if r.lean:
+        if r.lean:  # computes in the inputs' precision, at least float32
             tau = ties_lean(base, list(tensors), r.keep, r.compat, r.combine, self.p.weights)
-            return (base.to(ct) + tau.mul_(r.scale)).to(base.dtype)
+            return (base.to(tau.dtype) + tau.mul_(r.scale)).to(base.dtype)
         if r.combine == "widen" and r.sparsify == "none":  # WIDEN reads the models themselves
             return widen_merge(base, tensors, r.t, r.s, kind, r.scale)
-        b = base.to(ct)
-        T = torch.empty((len(tensors), b.numel()), dtype=ct)
+        # Stacked task vectors are float32, as taskvec.task_vector makes them for scope=global
+        # (low-precision deltas keep their bits; float64 models merge as they always have).
+        b = base.float()
+        T = torch.empty((len(tensors), b.numel()), dtype=b.dtype)
         for i, t in enumerate(tensors):
-            torch.sub(t.to(ct).reshape(-1), b.reshape(-1), out=T[i])
+            torch.sub(t.float().reshape(-1), b.reshape(-1), out=T[i])
         seeds = [tensor_seed(self.seed, name, i) for i in range(len(tensors))]
         T, S = sparsify(T, r, seeds, tuple(base.shape))
         if r.combine == "widen":
