@@ -155,9 +155,9 @@ def resolve(p: TaskVectorParams) -> Recipe:
         if p.weights is not None:
             raise ValueError("combine=widen computes its own per-column weights; drop `weights`")
     if p.scope == "global" and (sp == "dare" or combine == "widen"):
-        raise ValueError("scope=global works on one flattened task vector; "
-                         f"{'DARE draws per-tensor masks' if sp == 'dare' else 'WIDEN ranks matrix columns'}"
-                         ", use scope=per_tensor")
+        why = "DARE draws per-tensor masks" if sp == "dare" else "WIDEN ranks matrix columns"
+        raise ValueError(f"scope=global works on one flattened task vector and {why}; "
+                         "use scope=per_tensor")
     return Recipe(sparsify=sp, consensus=consensus, combine=combine, keep=keep, drop=drop,
                   rescale=rescale, compat=p.compat, clip=p.clip, inter=p.inter, t=p.t, s=p.s,
                   scale=p.scale, scope=p.scope)

@@ -132,7 +132,6 @@ def stream_merge(method: str | TensorMerger, models: Sequence[str | Path], out: 
     if probs:
         raise PassError(probs[0], hint="only checkpoints of the same architecture merge")
     kinds = _kinds(ref)
-    shards: list[dict[str, torch.Tensor]] = []
     buf: dict[str, torch.Tensor] = {}
     size = 0
     merged = 0
