@@ -247,9 +247,7 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
                 states.update({p: {st: step.line for st in pass_obj.produces}
                                for p in leaves(work)})
     if diags:
-        for d in diags:
-            d.source = program.source
-        raise SurgeryError(diags)
+        raise SurgeryError(diags).with_source(program.source)
     rows += [PlanRow(e.line, statement_text(program, e.stmt), expectation=e)
              for e in program.expectations]
     rows.sort(key=lambda r: r.line)

@@ -455,7 +455,5 @@ def _parse(text: str, name: str, *, fast: bool) -> ast.ScriptNode:
         except lark.exceptions.LarkError as e:
             diags.append(_syntax_error(e, src, start, end))
     if diags:
-        for d in diags:
-            d.source = src
-        raise SurgeryError(sorted(diags, key=lambda d: (d.span.start if d.span else 0)))
+        raise SurgeryError(sorted(diags, key=lambda d: (d.span.start if d.span else 0))).with_source(src)
     return ast.ScriptNode(statements=statements, span=src.span_at(0, len(text)))

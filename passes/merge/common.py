@@ -1,6 +1,7 @@
 """The merge pass base class, parameters shared by every method, and the in-memory engine.
 
-Each method supplies a `TensorMerger` (pure tensor maths, see the method files); `MergePass`
+Each method supplies a `TensorMerger` (pure tensor maths: `taskvector.TaskVectorMerger` for every
+task-vector row, `linear._Linear` for averaging); `MergePass`
 resolves the declared models, checks that they match, merges one tensor at a time into a copy of
 the reference model and assigns it to `ctx.model`. The streamed engine (`stream.py`) drives the
 same mergers over safetensors shards.
@@ -17,6 +18,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from surgery.passapi import (Granularity, ModelPass, PassError, PassParams, PassResult, RunContext,
                              State, StepReport)
+from surgery.progress import Progress
 from surgery.seeding import name_seed
 
 from .taskvec import (compatibility_problems, is_mergeable, merge_global, shapes_of, tied_names)
@@ -31,24 +33,45 @@ def lambda_field(default: float):
 
 
 class MergeParams(PassParams):
+    """Fields of every merge. `needs_base` is the one declaration of "this method merges task
+    vectors": the validator below, the pass, the mergers and the streamed engine all read it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
                               populate_by_name=True)
-    requires_base: ClassVar[bool] = False
+    needs_base: ClassVar[bool] = False
     models: list[str] = []  # filled by the compiler: `merge A, B, ...`
     base: str | None = None  # filled by the compiler: `into BASE`
     exclude: list[str] = []  # regexes (re.match) of tensor names copied from the base unmerged
 
     @model_validator(mode="after")
-    def _check_models(self):
-        if self.models and self.requires_base and self.base is None:
+    def _check_base(self):
+        if self.models and self.needs_base and self.base is None:
             raise ValueError("this method merges task vectors and needs a base model: write "
                              "`merge A, B into BASE using ...`")
-        w = getattr(self, "weights", None)
+        return self
+
+
+class WeightedParams(MergeParams):
+    """A merge with one weight per model. A subclass that divides by the sum of the weights says
+    so by overriding `divides_by_weight_sum`."""
+
+    weights: list[float] | None = None  # one per model; default 1 each
+
+    @property
+    def divides_by_weight_sum(self) -> bool:
+        return False
+
+    @model_validator(mode="after")
+    def _check_weights(self):
+        w = self.weights
         if w is not None and self.models and len(w) != len(self.models):
             raise ValueError(f"weights has {len(w)} entries for {len(self.models)} models")
-        if w is not None and getattr(self, "normalize", False) and abs(sum(w)) < 1e-12:
+        if w is not None and self.divides_by_weight_sum and abs(sum(w)) < 1e-12:
             raise ValueError("weights sum to 0; cannot normalize")
         return self
+
+    def weight_list(self, n: int) -> list[float]:
+        return list(self.weights) if self.weights is not None else [1.0] * n
 
 
 def tensor_kinds(model: nn.Module) -> dict[str, str]:
@@ -76,16 +99,15 @@ class TensorMerger:
     """Pure tensor maths of one method. `merge` gets the base tensor (or None) and the models'
     tensors for one name; global-scope methods implement `combine((N, d)) -> (d,)` instead."""
 
-    needs_base: ClassVar[bool] = False
     scope: str = "per_tensor"
 
     def __init__(self, params: MergeParams, seed: int = 0):
         self.p = params
         self.seed = seed
 
-    def weights(self, n: int) -> list[float]:
-        w = getattr(self.p, "weights", None)
-        return list(w) if w is not None else [1.0] * n
+    @property
+    def needs_base(self) -> bool:
+        return self.p.needs_base
 
     def merge(self, name: str, base: Tensor | None, tensors: Sequence[Tensor], kind: str) -> Tensor:
         raise NotImplementedError
@@ -108,18 +130,12 @@ def merge_state_dicts(merger: TensorMerger, base: Mapping[str, Tensor] | None,
         out.update(merge_global(names, base, models, merger.combine))
         merged_params = sum(ref[n].numel() for n in names)
     else:
-        ctx = progress.task("merge", total=len(names)) if progress else None
-        task = ctx.__enter__() if ctx else None
-        try:
+        with (progress or Progress()).task("merge", total=len(names)) as task:
             for n in names:
                 out[n] = merger.merge(n, None if base is None else base[n],
                                       [m[n] for m in models], kinds.get(n, "other"))
                 merged_params += out[n].numel()
-                if task:
-                    task.advance()
-        finally:
-            if ctx:
-                ctx.__exit__(None, None, None)
+                task.advance()
     for k, first in ties.items():
         out[k] = out[first]
     return out, merged_params
@@ -139,21 +155,12 @@ class MergePass(ModelPass):
                 State.ADAPTED: "fold adapters first (`merge adapters`), then merge models"}
     Params: ClassVar[type[MergeParams]] = MergeParams
     merger_cls: ClassVar[type[TensorMerger]] = TensorMerger
-    needs_base: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        if cls.needs_base and "Params" in cls.__dict__:
-            cls.Params.requires_base = True
 
     # --- plan time -----------------------------------------------------------------------
     def check_models(self, models: dict[str, nn.Module]) -> list[str]:
+        # A missing base never gets here: MergeParams' validator refuses it at check time.
         p = self.params
         problems = []
-        if self.needs_base and p.base is None:
-            problems.append(f"`{self.method}` merges task vectors and needs a base model "
-                            f"(`merge {', '.join(p.models) or 'A, B'} into BASE using "
-                            f"{self.method}(...)`)")
         names = ([p.base] if p.base else []) + list(p.models)
         if not p.models:
             problems.append("name at least one model to merge")
@@ -179,8 +186,6 @@ class MergePass(ModelPass):
         for n in ([p.base] if p.base else []) + list(p.models):
             if n not in ctx.models:
                 raise PassError(f"model `{n}` is not loaded", hint="declare it with `model NAME = ...`")
-        if self.needs_base and p.base is None:
-            raise PassError(f"`{self.method}` needs a base model", hint="write `... into BASE`")
         base = ctx.models[p.base] if p.base else None
         models = [ctx.models[n] for n in p.models]
         if not models:

@@ -8,7 +8,7 @@ import torch
 
 from surgery.registry import register
 
-from .common import MergeParams, MergePass, TensorMerger
+from .common import MergePass, TensorMerger, WeightedParams
 
 
 def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -19,14 +19,17 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float],
     return acc.to(tensors[0].dtype)
 
 
-class LinearParams(MergeParams):
-    weights: list[float] | None = None  # one per model; default uniform
+class LinearParams(WeightedParams):
     normalize: bool = True
+
+    @property
+    def divides_by_weight_sum(self) -> bool:
+        return self.normalize
 
 
 class _Linear(TensorMerger):
     def merge(self, name, base, tensors, kind):
-        return linear_merge(tensors, self.weights(len(tensors)), self.p.normalize)
+        return linear_merge(tensors, self.p.weight_list(len(tensors)), self.p.normalize)
 
 
 @register

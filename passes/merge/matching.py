@@ -9,6 +9,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from surgery.progress import Progress
+
 from .permspec import PermSpec
 
 Tensor = torch.Tensor
@@ -49,9 +51,7 @@ def weight_matching(spec: PermSpec, A: dict, B: dict, *, max_iter: int = 100, se
              for gi, g in enumerate(spec.groups)}
     rng = torch.Generator().manual_seed(seed)
     iters = 0
-    ctx = progress.task("weight matching", total=max_iter) if progress else None
-    task = ctx.__enter__() if ctx else None
-    try:
+    with (progress or Progress()).task("weight matching", total=max_iter) as task:
         for _ in range(max_iter):
             iters += 1
             improved = False
@@ -62,13 +62,9 @@ def weight_matching(spec: PermSpec, A: dict, B: dict, *, max_iter: int = 100, se
                 old_l, new_l = C[ar, perms[gi]].sum(), C[ar, new].sum()
                 improved |= bool(new_l > old_l + 1e-12 * max(1.0, abs(float(old_l))))
                 perms[gi] = new
-            if task:
-                task.advance()
+            task.advance()
             if not improved:
                 break
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
     costs = {gi: _weight_cost(spec, gi, A, B, perms, abt) for gi in range(len(spec.groups))}
     return perms, costs
 
@@ -153,9 +149,7 @@ def activation_matching(spec: PermSpec, m1: nn.Module, m2: nn.Module, batches: I
     stats = {gi: CrossStats(g.size) for gi, g in enumerate(spec.groups)}
     batches = list(batches)
     u1, u2 = _traced_units(m1, spec), _traced_units(m2, spec)
-    ctx = progress.task("activation matching", total=len(batches)) if progress else None
-    task = ctx.__enter__() if ctx else None
-    try:
+    with (progress or Progress()).task("activation matching", total=len(batches)) as task:
         for x in batches:
             a1, a2 = collect_activations(spec, m1, x, u1), collect_activations(spec, m2, x, u2)
             for gi, g in enumerate(spec.groups):
@@ -165,10 +159,6 @@ def activation_matching(spec: PermSpec, m1: nn.Module, m2: nn.Module, batches: I
                     xa = torch.movedim(a1[(unit, node)].double(), ax, 0).reshape(g.size, -1)
                     xb = torch.movedim(a2[(unit, node)].double(), ax, 0).reshape(g.size, -1)
                     stats[gi].add(xa, xb)
-            if task:
-                task.advance()
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
+            task.advance()
     costs = {gi: s.similarity(similarity) for gi, s in stats.items()}
     return {gi: lsa(C) for gi, C in costs.items()}, costs

@@ -1,16 +1,11 @@
-"""PCB-merging (Du et al., NeurIPS 2024): parameter competition balancing. Follows the canonical
-reference `PCB_merge` (outlier clip, intra- and inter-balancing, drop, rescale)."""
+"""PCB-merging (Du et al., NeurIPS 2024): parameter competition balancing, following the canonical
+reference `PCB_merge` (outlier clip, intra- and inter-balancing, drop, rescale). In the
+task-vector merge it is a sparsifier that also weights every entry (`pcb_balance`); with
+combine=mean it is the paper's method (the `pcb` row in taskvector.py)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
-
-from surgery.registry import register
-
-from .common import MergeParams, MergePass, TensorMerger, lambda_field
 
 Tensor = torch.Tensor
 
@@ -31,8 +26,10 @@ def minmax_rows(x: Tensor) -> Tensor:
     return (x - mn) / (mx - mn).clamp_min(1e-12)  # eps: a constant row gives 0, not NaN
 
 
-def pcb_combine(T: Tensor, ratio: float, clip: float = 1e-4, inter: str = "sum_tanh") -> Tensor:
-    """Merged task vector tau_m (d,) from task vectors T (N, d); `ratio` = fraction kept."""
+def pcb_balance(T: Tensor, ratio: float, clip: float = 1e-4,
+                inter: str = "sum_tanh") -> tuple[Tensor, Tensor]:
+    """(clipped task vectors, balance weights in [0, 1]), both (N, d), from task vectors T (N, d);
+    `ratio` = fraction kept (the other weights are 0)."""
     n = T.shape[0]
     A = clamp_rows(T.abs(), clip, clip)
     Tc = torch.sign(T) * A  # the clipped values are what get merged
@@ -46,37 +43,14 @@ def pcb_combine(T: Tensor, ratio: float, clip: float = 1e-4, inter: str = "sum_t
         prod = T.unsqueeze(1) * T.unsqueeze(0)  # (N, N, d)
         inter_b = torch.softmax(minmax_rows(prod.reshape(n * n, -1)), dim=1).view(n, n, -1).sum(1)
     beta = intra * inter_b
-    scale = minmax_rows(clamp_rows(beta, 1 - ratio, 0.0))
-    return (Tc * scale).sum(0) / scale.sum(0).clamp_min(1e-12)
+    return Tc, minmax_rows(clamp_rows(beta, 1 - ratio, 0.0))
 
 
-class PcbParams(MergeParams):
-    ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each task vector kept")
-    scale: float = lambda_field(1.0)
-    clip: float = Field(1e-4, ge=0.0, lt=0.5, description="outlier clip ratio at both ends")
-    inter: Literal["sum_tanh", "pairwise_normalized", "paper_softmax"] = "sum_tanh"
-    scope: Literal["per_tensor", "global"] = "per_tensor"
+def balanced_mean(Tc: Tensor, S: Tensor) -> Tensor:
+    """sum_i S_i Tc_i / sum_i S_i (entries nobody keeps are 0: the reference's eps)."""
+    return (Tc * S).sum(0) / S.sum(0).clamp_min(1e-12)
 
 
-class _Pcb(TensorMerger):
-    needs_base = True
-
-    @property
-    def scope(self):
-        return self.p.scope
-
-    def combine(self, T: Tensor) -> Tensor:
-        return self.p.scale * pcb_combine(T, self.p.ratio, self.p.clip, self.p.inter)
-
-    def merge(self, name, base, tensors, kind):
-        T = torch.stack([(t.float() - base.float()).reshape(-1) for t in tensors])
-        return (base.float() + self.combine(T).view(base.shape)).to(base.dtype)
-
-
-@register
-class PcbMerge(MergePass):
-    method = "pcb"
-    summary = "PCB: balance parameter competition within and across task vectors"
-    Params = PcbParams
-    merger_cls = _Pcb
-    needs_base = True
+def pcb_combine(T: Tensor, ratio: float, clip: float = 1e-4, inter: str = "sum_tanh") -> Tensor:
+    """Merged task vector tau_m (d,) from task vectors T (N, d); `ratio` = fraction kept."""
+    return balanced_mean(*pcb_balance(T, ratio, clip, inter))

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from surgery.atomic import atomic_dir
 from surgery.passapi import PassError
+from surgery.progress import Progress
 from surgery.registry import get_pass
 
 from .common import TensorMerger, tensor_kinds
@@ -102,7 +103,8 @@ def stream_merge(method: str | TensorMerger, models: Sequence[str | Path], out: 
         P = get_pass("merge", method)
         if P is None or not hasattr(P, "merger_cls") or P.merger_cls is TensorMerger:
             raise PassError(f"`{method}` is not a parameter-space merge and cannot be streamed",
-                            hint="stream linear, task_arithmetic, ties, dare, pcb or widen")
+                            hint="stream linear or a task-vector method (task_arithmetic, ties, "
+                                 "dare, dare_ties, dare_linear, pcb, widen)")
         names = [f"m{i}" for i in range(len(models))]
         try:
             prm = P.Params(models=names, base="base" if base else None, exclude=list(exclude),
@@ -130,7 +132,6 @@ def stream_merge(method: str | TensorMerger, models: Sequence[str | Path], out: 
     if probs:
         raise PassError(probs[0], hint="only checkpoints of the same architecture merge")
     kinds = _kinds(ref)
-    shards: list[dict[str, torch.Tensor]] = []
     buf: dict[str, torch.Tensor] = {}
     size = 0
     merged = 0
@@ -149,31 +150,25 @@ def stream_merge(method: str | TensorMerger, models: Sequence[str | Path], out: 
             buf, size = {}, 0
 
         names = ref.names()
-        ctx = progress.task("streamed merge", total=len(names)) if progress else None
-        task = ctx.__enter__() if ctx else None
-        try:
-            with torch.no_grad():
-                for name in names:
-                    b = ref.read(name)
-                    if is_mergeable(name, b, exclude):
-                        ts = [c.read(name) for c in cks]
-                        t = merger.merge(name, b if bck else None, ts, kinds.get(name, "other"))
-                        del ts
-                        merged += t.numel()
-                    else:
-                        t = b
-                    buf[name] = t.contiguous()
-                    size += t.numel() * t.element_size()
-                    del b, t
-                    _release_freed_memory()
-                    if size >= shard_bytes:
-                        flush()
-                    if task:
-                        task.advance()
-                flush()
-        finally:
-            if ctx:
-                ctx.__exit__(None, None, None)
+        with (progress or Progress()).task("streamed merge", total=len(names)) as task, \
+                torch.no_grad():
+            for name in names:
+                b = ref.read(name)
+                if is_mergeable(name, b, exclude):
+                    ts = [c.read(name) for c in cks]
+                    t = merger.merge(name, b if bck else None, ts, kinds.get(name, "other"))
+                    del ts
+                    merged += t.numel()
+                else:
+                    t = b
+                buf[name] = t.contiguous()
+                size += t.numel() * t.element_size()
+                del b, t
+                _release_freed_memory()
+                if size >= shard_bytes:
+                    flush()
+                task.advance()
+            flush()
         n = len(written)
         final = {}
         for i, f in enumerate(written):

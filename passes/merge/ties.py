@@ -1,15 +1,12 @@
-"""TIES-merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge."""
+"""TIES-merging (Yadav et al., NeurIPS 2023) as stages of the task-vector merge: magnitude
+trimming (sparsify=magnitude), sign election and the disjoint merge (consensus=ties). The `ties`
+method itself is a row in taskvector.py."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Sequence
 
 import torch
-from pydantic import Field
-
-from surgery.registry import register
-
-from .common import MergeParams, MergePass, TensorMerger, lambda_field
 
 Tensor = torch.Tensor
 
@@ -58,9 +55,11 @@ def elect_sign(T: Tensor) -> Tensor:
 CHUNK = 1 << 18  # columns per step: bounds the temporaries of large tensors
 
 
-def disjoint_merge(T: Tensor, gamma: Tensor, how: str = "mean") -> Tensor:
-    """Combine the entries that agree with the elected sign (column chunks: columns are
-    independent, and temporaries stay small)."""
+def disjoint_merge(T: Tensor, gamma: Tensor, how: str = "mean", W: Tensor | None = None) -> Tensor:
+    """Combine the entries of the (weighted) deltas T that agree with the elected sign (column
+    chunks: columns are independent, and temporaries stay small). `mean` divides by the number
+    of agreeing models, or by their summed weights W ((N, 1) or (N, d)) when given, as mergekit's
+    normalize does; a column where nobody agrees is 0 either way."""
     out = torch.empty(T.shape[1], dtype=T.dtype)
     for j in range(0, T.shape[1], CHUNK):
         t, g = T[:, j:j + CHUNK], gamma[j:j + CHUNK]
@@ -70,8 +69,12 @@ def disjoint_merge(T: Tensor, gamma: Tensor, how: str = "mean") -> Tensor:
             out[j:j + CHUNK] = sel.sum(0)
         elif how == "max":
             out[j:j + CHUNK] = sel.abs().max(0).values * g
-        else:
+        elif W is None:
             out[j:j + CHUNK] = sel.sum(0) / keep.sum(0, dtype=t.dtype).clamp_min(1)
+        else:
+            w = W if W.shape[1] == 1 else W[:, j:j + CHUNK]
+            den = (w * keep).sum(0)
+            out[j:j + CHUNK] = sel.sum(0) / torch.where(den == 0, torch.ones_like(den), den)
     return out
 
 
@@ -82,10 +85,11 @@ def ties_combine(T: Tensor, density: float, compat: str = "exact", how: str = "m
 
 
 def ties_lean(base: Tensor, tensors: list[Tensor], density: float, compat: str = "exact",
-              how: str = "mean") -> Tensor:
+              how: str = "mean", weights: Sequence[float] | None = None) -> Tensor:
     """ties_combine for one tensor with a working set of a few copies of it, whatever the number
     of models: per-model thresholds first, then column chunks recomputed from the inputs.
-    Identical results (tested)."""
+    Identical results (tested). `weights` multiply each trimmed task vector before the election
+    (mergekit's weighted deltas)."""
     ct = torch.promote_types(base.dtype, torch.float32)  # float64 stays float64
     b = base.reshape(-1).to(ct)
     d = b.numel()
@@ -123,50 +127,22 @@ def ties_lean(base: Tensor, tensors: list[Tensor], density: float, compat: str =
         keep[eq] = True
         return tau * keep
 
+    def weighted(i, j, left):
+        tau = trimmed(i, j, left)
+        return tau if weights is None else weights[i] * tau
+
     left = list(quota)
     gsum = 0.0
     for j in range(0, d, CHUNK):  # pass 2: the majority of the elected signs
-        T = torch.stack([trimmed(i, j, left) for i in range(len(flat))])
+        T = torch.stack([weighted(i, j, left) for i in range(len(flat))])
         gsum += float(torch.sign(T.sum(0)).sum())
     majority = 1.0 if gsum >= 0 else -1.0
+    W = None if weights is None else torch.tensor(list(weights), dtype=ct).unsqueeze(1)
     out = torch.empty(d, dtype=ct)
     left = list(quota)
     for j in range(0, d, CHUNK):  # pass 3: elect and merge chunk by chunk
-        T = torch.stack([trimmed(i, j, left) for i in range(len(flat))])
+        T = torch.stack([weighted(i, j, left) for i in range(len(flat))])
         g = torch.sign(T.sum(0))
         g = torch.where(g == 0, torch.full_like(g, majority), g)
-        out[j:j + CHUNK] = disjoint_merge(T, g, how)
+        out[j:j + CHUNK] = disjoint_merge(T, g, how, W)
     return out.view(base.shape)
-
-
-class TiesParams(MergeParams):
-    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
-    scale: float = lambda_field(1.0)
-    scope: Literal["per_tensor", "global"] = "per_tensor"
-    compat: Literal["exact", "ties_ref"] = "exact"
-    disjoint: Literal["mean", "sum", "max"] = "mean"
-
-
-class _Ties(TensorMerger):
-    needs_base = True
-
-    @property
-    def scope(self):
-        return self.p.scope
-
-    def combine(self, T: Tensor) -> Tensor:
-        return self.p.scale * ties_combine(T, self.p.density, self.p.compat, self.p.disjoint)
-
-    def merge(self, name, base, tensors, kind):
-        p = self.p
-        tau = ties_lean(base, list(tensors), p.density, p.compat, p.disjoint)
-        return (base.to(tau.dtype) + tau.mul_(p.scale)).to(base.dtype)
-
-
-@register
-class TiesMerge(MergePass):
-    method = "ties"
-    summary = "TIES: trim task vectors to the top density, elect signs, average agreeing entries"
-    Params = TiesParams
-    merger_cls = _Ties
-    needs_base = True

@@ -1,16 +1,12 @@
 """WIDEN (Yu et al., arXiv 2408.03092): disentangle weights into magnitude and direction per input
-column, rank each model's change against the base, and weight the task vectors column-wise."""
+column, rank each model's change against the base, and weight the task vectors column-wise.
+In the task-vector merge it is the combine=widen stage (the `widen` row in taskvector.py)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-from pydantic import Field
-
-from surgery.registry import register
-
-from .common import MergeParams, MergePass, TensorMerger
 
 Tensor = torch.Tensor
 EPS = 1e-12
@@ -32,7 +28,8 @@ def importance(S: Tensor, t: float, s: float) -> Tensor:
     return torch.where(mask, torch.full_like(score, s), score)
 
 
-def widen_matrix(W0: Tensor, Ws: Sequence[Tensor], t: float, s: float) -> Tensor:
+def widen_matrix(W0: Tensor, Ws: Sequence[Tensor], t: float, s: float,
+                 scale: float = 1.0) -> Tensor:
     """W (out, in): magnitude = column norms, direction = normalised columns."""
     m0 = W0.norm(dim=0)
     D0 = W0 / m0.clamp_min(EPS)
@@ -47,51 +44,33 @@ def widen_matrix(W0: Tensor, Ws: Sequence[Tensor], t: float, s: float) -> Tensor
     score_mag = importance(stable_rank(torch.stack(dm)), t, s)
     score_dir = importance(stable_rank(torch.stack(dd)), t, s)
     w = 0.5 * (score_mag + score_dir)
-    return W0 + sum((W - W0) * w[i].unsqueeze(0) for i, W in enumerate(Ws))
+    return W0 + scale * sum((W - W0) * w[i].unsqueeze(0) for i, W in enumerate(Ws))
 
 
-def widen_vector(b0: Tensor, bs: Sequence[Tensor], t: float, s: float) -> Tensor:
+def widen_vector(b0: Tensor, bs: Sequence[Tensor], t: float, s: float,
+                 scale: float = 1.0) -> Tensor:
     """1-D parameters (and any tensor that is not a Linear/Embedding/conv weight): raw |delta|."""
     S = torch.stack([(b - b0).abs().reshape(-1) for b in bs])
     score = importance(S, t, s)
-    flat = b0.reshape(-1) + sum((b - b0).reshape(-1) * score[i] for i, b in enumerate(bs))
+    flat = b0.reshape(-1) + scale * sum((b - b0).reshape(-1) * score[i] for i, b in enumerate(bs))
     return flat.view(b0.shape)
 
 
-def widen_merge(base: Tensor, tensors: Sequence[Tensor], t: float, s: float, kind: str) -> Tensor:
+def widen_merge(base: Tensor, tensors: Sequence[Tensor], t: float, s: float, kind: str,
+                scale: float = 1.0) -> Tensor:
+    """Merged tensor; `scale` (lambda) multiplies the weighted sum of task vectors."""
     ct = torch.promote_types(base.dtype, torch.float32)  # float64 stays float64
     b = base.to(ct)
     ts = [x.to(ct) for x in tensors]
     if kind == "embedding" and b.ndim == 2:  # rows are tokens: treat tokens as input columns
-        out = widen_matrix(b.T, [x.T for x in ts], t, s).T
+        out = widen_matrix(b.T, [x.T for x in ts], t, s, scale).T
     elif kind == "matrix" and b.ndim == 2:
-        out = widen_matrix(b, ts, t, s)
+        out = widen_matrix(b, ts, t, s, scale)
     elif kind == "conv" and b.ndim > 2:  # extension: conv weights as (out, in*k)
         shp = b.shape
-        out = widen_matrix(b.reshape(shp[0], -1), [x.reshape(shp[0], -1) for x in ts], t, s)
+        out = widen_matrix(b.reshape(shp[0], -1), [x.reshape(shp[0], -1) for x in ts], t, s,
+                           scale)
         out = out.view(shp)
     else:
-        out = widen_vector(b, ts, t, s)
+        out = widen_vector(b, ts, t, s, scale)
     return out.to(base.dtype)
-
-
-class WidenParams(MergeParams):
-    t: float = Field(1.0, gt=0.0, description="above-average ratio: columns above t x the mean "
-                                              "change get the calibrated score")
-    s: float = Field(1.0, ge=0.0, description="score calibration value")
-
-
-class _Widen(TensorMerger):
-    needs_base = True
-
-    def merge(self, name, base, tensors, kind):
-        return widen_merge(base, tensors, self.p.t, self.p.s, kind)
-
-
-@register
-class WidenMerge(MergePass):
-    method = "widen"
-    summary = "WIDEN: rank magnitude and direction changes per column, weight the task vectors"
-    Params = WidenParams
-    merger_cls = _Widen
-    needs_base = True
