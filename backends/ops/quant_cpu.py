@@ -22,10 +22,12 @@ Our stored format (formats.py) maps onto them as follows (``s`` = scales, ``z`` 
   group's parameters repeated ``group / G`` times, which is the same weight.
 
 On x86 only the bfloat16 instantiations are vectorised (AVX-512 / AVX2); fp32 and fp16 run a
-scalar loop. The scalar fp32 loop still beats dequantising the whole weight per call at a single
-row (decode), and computes the exact fp32 formula above; the bf16 one is the fast path (its
-tolerance is derived in docs/passes/quantize.md). Both read the weight with one pass per row
-block, so for many rows (prefill) dequantising once + a GEMM is faster: see ``MAX_ROWS``.
+scalar loop. The fp32 loop computes the formula above exactly up to summation order, but on x86
+it is no faster than dequantising the weight (measured: 0.8 vs 0.3 ms int8, 1.7 vs 1.7 ms int4
+on a 576 x 1536 layer at one row), so forward uses it only where ``MAX_ROWS`` allows (nowhere by
+default; tests enable it to pin the mapping). bf16 is the fast path (its error bound is derived
+in docs/passes/quantize.md). The kernels stream the weight once per block of 4 rows, so for many
+rows (prefill) dequantising once + a GEMM is faster: see ``MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ import torch
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the qGroupSize values aten's int4 CPU kernel takes
 
-# Rows (tokens) up to which the packed kernel beats dequantise + GEMM, per activation dtype and
-# bit width; measured on a 2-core AVX-512 x86 (docs/bench/inference.md). Other dtypes (fp16) and
+# Rows (tokens) up to which forward uses the packed kernel, per activation dtype and bit width.
+# bf16: where it beat dequantise + GEMM on a 576 x 1536 layer on the 2-core AVX-512 x86
+# (int8: 0.07 vs 1.0 ms at 1 row, even at 32; int4: 0.07 vs 2.0 ms at 1 row, 2.0 vs 31 at 64,
+# even at 128). fp32: 0 (the scalar loop is not faster, see above). Other dtypes (fp16) and
 # larger row counts take the reference path.
-MAX_ROWS = {torch.bfloat16: {8: 16, 4: 64}, torch.float32: {8: 1, 4: 1}}
+MAX_ROWS = {torch.bfloat16: {8: 16, 4: 64}, torch.float32: {8: 0, 4: 0}}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """QuantLinear's packed CPU kernels (backends/ops/quant_cpu.py) against the dequantise reference.
 
 fp32 activations: the aten kernels compute the stored format's formula in fp32, so they agree
-with the reference to fp32 accumulation order (asserted at 1e-5 relative). bf16 activations:
+with the reference to fp32 accumulation order (asserted at 1e-5 relative; forward does not use
+them by default because their x86 loop is scalar, so these tests enable them). bf16 activations:
 the kernels round the scales (and the int4 zero term) to bf16, accumulate in fp32 and round the
 output to bf16; every output is checked against the per-element bound that implies
 (docs/passes/quantize.md, "Packed CPU kernels"), and a wrong mapping is shown to break it.
@@ -39,6 +40,12 @@ def reference(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         del m.fast_path  # back to the class default
 
 
+@pytest.fixture
+def fp32_kernels(monkeypatch):
+    """Let forward use the fp32 kernels at one row (off by default: not faster on x86)."""
+    monkeypatch.setitem(quant_cpu.MAX_ROWS, torch.float32, {8: 1, 4: 1})
+
+
 def rel_err(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
@@ -50,7 +57,7 @@ INT4_CASES = [(32, 256, 64), (64, 576, 192), (128, 256, 48), (256, 512, 32), (No
 
 
 @pytest.mark.parametrize("rows", [1])
-def test_int8_fp32_kernel_within_1e5_of_reference(rows):
+def test_int8_fp32_kernel_within_1e5_of_reference(rows, fp32_kernels):
     m = make_layer(8, True, None, 576, 192)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -62,7 +69,7 @@ def test_int8_fp32_kernel_within_1e5_of_reference(rows):
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("group,k,n", INT4_CASES)
-def test_int4_fp32_kernel_within_1e5_of_reference(group, k, n, symmetric):
+def test_int4_fp32_kernel_within_1e5_of_reference(group, k, n, symmetric, fp32_kernels):
     m = make_layer(4, symmetric, group, k, n)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -206,26 +213,32 @@ def test_packed_once_not_saved_and_rebuilt_on_load(monkeypatch):
     assert m._packed == {}
 
 
-def test_surgery_load_of_a_saved_artifact_uses_the_kernels(tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("fmt", ["int8", "int4 using rtn(group=32)"])
+def test_surgery_load_of_a_saved_artifact_uses_the_kernels(tiny_hf_dir, tmp_path, fmt,
+                                                            fp32_kernels):
     import surgery
 
     out = tmp_path / "out"
     text = (f'model base = "hf:{tiny_hf_dir}"\n'
-            'quantize type(Linear) - modules("lm_head") to int4 using rtn(group=32)\n'
+            f'quantize type(Linear) - modules("lm_head") to {fmt}\n'
             f'save "{out}"\n')
     res = surgery.apply(None, text)
     loaded = surgery.load(out)
     ids = torch.tensor([[5, 17, 33]])
     with torch.no_grad():
-        ref_logits = res.model(ids).logits  # 3 rows: above the fp32 limit, the reference
+        ref_logits = res.model(ids).logits  # 3 rows: the reference path
         out_cache = loaded(ids, use_cache=True)
         nxt = out_cache.logits[:, -1:].argmax(-1)
-        step = loaded(nxt, past_key_values=out_cache.past_key_values).logits
+        step = loaded(nxt, past_key_values=out_cache.past_key_values).logits  # 1 row: kernels
         full = res.model(torch.cat([ids, nxt], 1)).logits[:, -1:]
     torch.testing.assert_close(out_cache.logits, ref_logits, rtol=0, atol=0)
-    ups = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
-    assert ups and all(m._packed[torch.float32][1] is not None for m in ups)  # decode step
-    assert rel_err(step, full) <= 1e-5
+    qls = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(qls) == 14 and all(m._packed[torch.float32][1] is not None for m in qls)
+    assert rel_err(step, full) <= 1e-5  # decode-step logits vs the dequantise reference
+    bf = loaded.to(torch.bfloat16)  # the fast configuration: bf16 kernels at decode
+    with torch.no_grad():
+        bf(nxt.new_tensor([[7]]))
+    assert all(m._packed[torch.bfloat16][1] is not None for m in qls)
 
 
 def test_torch_compile_uses_prepared_kernels():
