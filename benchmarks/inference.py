@@ -238,8 +238,36 @@ def smollm2_gguf() -> Path:
     return sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
 
 
-def build(key: str, base: nn.Module, example: torch.Tensor, tmp: str, model_name: str):
+class Sources:
+    """The fp32 model, and a bf16 copy made once that the bf16-activation rows derive from.
+
+    llama1b's weights are bf16 numbers (its checkpoint is bf16), so its quantized rows copy the
+    bf16 model (same codes, half the transient memory) and share its embedding / lm_head
+    (read-only at inference); SmolLM2's quantized rows quantize the fp32 weights.
+    """
+
+    def __init__(self, base: nn.Module, model_name: str):
+        self.fp32, self.name, self._bf16 = base, model_name, None
+
+    @property
+    def bf16(self) -> nn.Module:
+        if self._bf16 is None:
+            self._bf16 = copy.deepcopy(self.fp32).to(torch.bfloat16)
+        return self._bf16
+
+    def quant_source(self) -> nn.Module:
+        return self.fp32 if self.name == "smollm2" else self.bf16
+
+    def share(self, model: nn.Module) -> nn.Module:
+        if self.name != "smollm2":
+            model.model.embed_tokens = self.bf16.model.embed_tokens
+            model.lm_head = self.bf16.lm_head
+        return model
+
+
+def build(key: str, src: Sources, example: torch.Tensor, tmp: str, model_name: str):
     """(runner, None) or (None, the reason this row is not measured)."""
+    base = src.fp32
     group = {"int4g64": 64, "int4g128": 128, "int4g64_fp32": 64, "ao4g64": 64, "ao4g128": 128,
              "ort4": 64}.get(key)
     if group and (why := group_fits(base, group)):
@@ -247,11 +275,11 @@ def build(key: str, base: nn.Module, example: torch.Tensor, tmp: str, model_name
     if key == "fp32":
         return TorchRunner(base), None
     if key == "bf16":
-        return TorchRunner(copy.deepcopy(base).to(torch.bfloat16)), None
+        return TorchRunner(src.bf16), None
     if key == "int8":
-        return TorchRunner(ours(base, "int8", None, torch.bfloat16)), None
+        return TorchRunner(src.share(ours(src.quant_source(), "int8", None, torch.bfloat16))), None
     if key in ("int4g64", "int4g128"):
-        return TorchRunner(ours(base, "int4", group, torch.bfloat16)), None
+        return TorchRunner(src.share(ours(src.quant_source(), "int4", group, torch.bfloat16))), None
     if key == "int4g64_fp32":
         return TorchRunner(ours(base, "int4", 64, torch.float32)), None
     if key in ("ao8", "ao4g64", "ao4g128"):
@@ -259,7 +287,8 @@ def build(key: str, base: nn.Module, example: torch.Tensor, tmp: str, model_name
             import torchao  # noqa: F401
         except ImportError as e:
             return None, f"torchao not importable ({e})"
-        return TorchRunner(torchao_model(base, 8 if key == "ao8" else 4, group)), None
+        return TorchRunner(src.share(torchao_model(src.quant_source(), 8 if key == "ao8" else 4,
+                                                   group))), None
     if key == "ort4":
         return OrtRunner(ours(base, "int4", 64, torch.float32), example, tmp), None
     if key in ("q8_0", "q4_0"):
@@ -300,10 +329,11 @@ def main() -> None:
     base, stream = load_base(args.model)
     prompt, long = stream[:, :args.prompt], stream[:, :args.prefill]
     runners, skipped = {}, {}
+    sources = Sources(base, args.model)
     with tempfile.TemporaryDirectory() as tmp:
         for k in keys:
             t0 = time.perf_counter()
-            runner, why = build(k, base, prompt, tmp, args.model)
+            runner, why = build(k, sources, prompt, tmp, args.model)
             if runner is None:
                 skipped[k] = why
                 print(f"skip {k}: {why}", flush=True)

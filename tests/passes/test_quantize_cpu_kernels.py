@@ -249,3 +249,25 @@ def test_torch_compile_uses_prepared_kernels():
         eager = m(xb)
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(xb)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+# --- the reference's unpack / dequantise: exact formulas ---------------------------------------
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_unpack_and_dequantize_match_the_format_formulas(signed):
+    from surgery.backends.ops.quant import dequantize, pack_int4, unpack_int4
+
+    g = torch.Generator().manual_seed(10)
+    lo, hi = (-8, 8) if signed else (0, 16)
+    codes = torch.randint(lo, hi, (6, 13), generator=g)  # odd width: padded nibble
+    got = unpack_int4(pack_int4(codes), 13, signed)
+    assert got.dtype == torch.int8 and torch.equal(got.long(), codes)
+    q = torch.randint(0, 16, (4, 12), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(4, 3, generator=g), torch.randint(0, 16, (4, 3), generator=g,
+                                                        dtype=torch.uint8)
+    want = torch.stack([(q[:, 4 * j:4 * j + 4].float() - z[:, j:j + 1].float()) * s[:, j:j + 1]
+                        for j in range(3)], 1).reshape(4, 12)
+    assert torch.equal(dequantize(q, s, z), want)
+    qf = q.float()
+    dequantize(qf, s, None)
+    assert torch.equal(qf, q.float())  # never writes into float codes
