@@ -75,6 +75,9 @@ def unsupported_reason(bits: int, group: int, symmetric: bool, in_features: int,
     """Why this layer / activation dtype cannot use a packed kernel (None if it can)."""
     if dtype not in MAX_ROWS:
         return f"activations in {str(dtype).removeprefix('torch.')} (kernels: bfloat16, float32)"
+    if MAX_ROWS[dtype][bits] == 0:
+        return (f"{str(dtype).removeprefix('torch.')} kernels disabled (MAX_ROWS 0: a scalar loop "
+                "on x86, not faster than the reference)")
     if bits == 8:
         if not symmetric:
             return "int8 with zero points (the int8 kernel has none)"

@@ -271,3 +271,11 @@ def test_unpack_and_dequantize_match_the_format_formulas(signed):
     qf = q.float()
     dequantize(qf, s, None)
     assert torch.equal(qf, q.float())  # never writes into float codes
+
+
+def test_fp32_forward_keeps_the_reference_by_default():
+    m = make_layer(8, True, None, 64, 32)
+    assert "MAX_ROWS 0" in m.fast_path_reason(torch.float32)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        assert torch.equal(m(x), reference(m, x))
