@@ -279,3 +279,17 @@ def test_fp32_forward_keeps_the_reference_by_default():
     x = torch.randn(1, 64)
     with torch.no_grad():
         assert torch.equal(m(x), reference(m, x))
+
+
+def test_act_order_permutation_goes_through_the_kernel():
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    perm = torch.randperm(128, generator=g)
+    codes, scales, zeros = rtn_quantize(w[:, perm], Format(4, False), 32)  # stored permuted
+    m = QuantLinear.from_codes(codes, scales, zeros, bits=4, perm=perm)
+    xb = torch.randn(2, 128, generator=g).bfloat16()
+    with torch.no_grad():
+        y, r = m(xb), reference(m, xb)
+    assert m._packed[torch.bfloat16][1] is not None
+    exact = xb.double() @ m.dequantized_weight().double().T
+    assert rel_err(y, exact) <= 4 * U_BF16 and rel_err(r, exact) <= 4 * U_BF16
