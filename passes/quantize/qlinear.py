@@ -145,7 +145,10 @@ class QuantLinear(nn.Module):
 
     def _state_key(self) -> tuple:
         # In-place writes (load_state_dict, edits) bump _version; assignment changes data_ptr.
-        return tuple((t._version, t.data_ptr()) if t is not None else None
+        # Tensors made under inference_mode have no version counter (and cannot be edited
+        # in place outside it).
+        return tuple(None if t is None else
+                     (-1 if t.is_inference() else t._version, t.data_ptr())
                      for t in (self.qweight, self.scales, self.zeros))
 
     def prepare(self, dtype: torch.dtype = torch.bfloat16) -> quant_cpu.Packed | None:

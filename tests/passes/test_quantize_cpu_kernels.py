@@ -293,3 +293,12 @@ def test_act_order_permutation_goes_through_the_kernel():
     assert m._packed[torch.bfloat16][1] is not None
     exact = xb.double() @ m.dequantized_weight().double().T
     assert rel_err(y, exact) <= 4 * U_BF16 and rel_err(r, exact) <= 4 * U_BF16
+
+
+def test_layers_built_under_inference_mode_use_the_kernels():
+    with torch.inference_mode():
+        m = make_layer(4, False, 64, 256, 64)
+        xb = torch.randn(1, 256).bfloat16()
+        y = m(xb)
+    assert m._packed[torch.bfloat16][1] is not None
+    torch.testing.assert_close(y, packed_no_bias(m, xb) + m.bias.bfloat16())
