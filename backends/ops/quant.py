@@ -45,22 +45,22 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, n: int, signed: bool) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: uint8 (..., ceil(n/2)) -> int8 codes (..., n)."""
-    b = packed.to(torch.int16)
-    lo, hi = b & 0xF, (b >> 4) & 0xF
-    c = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]
+    # uint8 ops only (no widening): this runs per forward on the reference path
+    c = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)[..., :n].view(torch.int8)
     if signed:
-        c = torch.where(c >= 8, c - 16, c)
-    return c.to(torch.int8)
+        c = (c ^ 8) - 8  # two's-complement nibble -> [-8, 7]
+    return c
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
     """(N, K) integer codes -> (N, K) float32 weights with (N, G) group parameters."""
     n, k = q.shape
     g = scales.shape[1]
-    w = q.to(torch.float32).reshape(n, g, k // g)
+    # one fresh fp32 tensor, updated in place (same arithmetic, fewer passes and allocations)
+    w = q.to(torch.float32, copy=True).reshape(n, g, k // g)
     if zeros is not None:
-        w = w - zeros.to(torch.float32).unsqueeze(-1)
-    return (w * scales.to(torch.float32).unsqueeze(-1)).reshape(n, k)
+        w.sub_(zeros.to(torch.float32).unsqueeze(-1))
+    return w.mul_(scales.to(torch.float32).unsqueeze(-1)).reshape(n, k)
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

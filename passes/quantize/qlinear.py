@@ -10,9 +10,14 @@ State (all buffers, so ``state_dict`` round-trips it exactly and safetensors sav
 - ``perm``: int64 ``(in,)`` (GPTQ act_order without static groups only): the codes are stored in
   permuted column order so that groups stay contiguous; forward gathers ``x[..., perm]`` first.
 
-Forward calls the ``surgery::int8_linear`` / ``surgery::int4_linear`` custom ops
-(backends/ops/quant.py), whose CPU implementation dequantises and runs ``F.linear``; other
-backends register kernels for the same ops.
+Forward on CPU runs aten's packed weight-only kernels (backends/ops/quant_cpu.py) when the layer's
+format, the activation dtype and the number of rows allow it: the kernel operands are built from
+the buffers once per activation dtype, at the first forward, cached on the module (not buffers:
+never saved, dropped on ``.to()`` and when a buffer changes), so the saved artifact is unchanged.
+Otherwise (other devices, autograd through x, unsupported formats, many rows) forward calls the
+``surgery::int8_linear`` / ``surgery::int4_linear`` custom ops (backends/ops/quant.py), whose CPU
+implementation dequantises and runs ``F.linear`` (the reference); other backends register
+kernels for the same ops. ``fast_path = False`` on a module (or the class) forces the reference.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import torch
 import torch.nn as nn
 
 from surgery.backends.ops import quant as qops
+from surgery.backends.ops import quant_cpu
 from surgery.passes.quantize.formats import Format, pack_int4, unpack_int4
 from surgery.registry import register_module_type
 
 
 @register_module_type
 class QuantLinear(nn.Module):
+    fast_path: bool = True  # use the packed CPU kernels where they apply
+
     def __init__(self, in_features: int, out_features: int, *, bits: int, group: int,
                  symmetric: bool, bias: bool = True, permuted: bool = False,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -63,6 +71,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("perm", torch.arange(in_features, device=device))
         else:
             self.perm = None
+        # activation dtype -> (buffer versions, packed operands or None if unsupported)
+        self._packed: dict[torch.dtype, tuple[tuple, quant_cpu.Packed | None]] = {}
 
     @property
     def format(self) -> Format:
@@ -124,11 +134,69 @@ class QuantLinear(nn.Module):
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
+    # --- packed CPU kernels ----------------------------------------------------------------
+
+    def fast_path_reason(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
+        """Why forward with ``dtype`` activations cannot use a packed kernel (None if it can)."""
+        if self.qweight.device.type != "cpu":
+            return f"weights on {self.qweight.device.type} (packed kernels are CPU only)"
+        return quant_cpu.unsupported_reason(self.bits, self.group, self.symmetric,
+                                            self.in_features, self.out_features, dtype)
+
+    def _state_key(self) -> tuple:
+        # In-place writes (load_state_dict, edits) bump _version; assignment changes data_ptr.
+        # Tensors made under inference_mode have no version counter (and cannot be edited
+        # in place outside it).
+        return tuple(None if t is None else
+                     (-1 if t.is_inference() else t._version, t.data_ptr())
+                     for t in (self.qweight, self.scales, self.zeros))
+
+    def prepare(self, dtype: torch.dtype = torch.bfloat16) -> quant_cpu.Packed | None:
+        """Build (or reuse) the packed operands for ``dtype`` activations; None if unsupported.
+
+        Forward does this itself at the first call; call it before ``torch.compile`` so that the
+        compiled graph uses the kernels (packing never happens inside a graph).
+        """
+        key = self._state_key()
+        hit = self._packed.get(dtype)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        packed = None
+        if self.fast_path_reason(dtype) is None:
+            packed = quant_cpu.pack(self.bits, self.qweight, self.scales, self.zeros,
+                                    self.in_features, self.group, dtype)
+        self._packed[dtype] = (key, packed)
+        return packed
+
+    def _packed_for(self, x: torch.Tensor) -> quant_cpu.Packed | None:
+        if not self.fast_path or x.device.type != "cpu" or x.dtype not in quant_cpu.MAX_ROWS:
+            return None
+        if x.requires_grad and torch.is_grad_enabled():
+            return None  # the kernels have no backward; the reference op has
+        if x.numel() > quant_cpu.MAX_ROWS[x.dtype][self.bits] * self.in_features:
+            return None
+        if torch.compiler.is_compiling():
+            hit = self._packed.get(x.dtype)  # prepared before compiling, or reference
+            return None if hit is None else hit[1]
+        return self.prepare(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        self._packed = {}  # .to() / .cuda() / dtype casts: rebuild from the new buffers
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_packed"] = {}  # CPU-specific layout: never pickled
+        return state
+
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        packed = self._packed_for(x)
+        if packed is not None:
+            return quant_cpu.packed_linear(x, packed, self.bias)
         if self.bits == 8:
             return torch.ops.surgery.int8_linear(x, self.qweight, self.scales, self.zeros,
                                                  self.bias)
