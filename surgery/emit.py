@@ -2,9 +2,13 @@
 
 Layout of a saved directory::
 
-    config.json           the base architecture's config (HF models)
-    model.safetensors     every tensor of the transformed model (tied duplicates stored once)
-    tokenizer files       when the model has a tokenizer
+    config.json           the base architecture's config (HF models), with compressed-tensors'
+                          quantization_config when layers are quantized
+    model.safetensors     the weights as plain transformers reads them (tied duplicates once)
+    surgery.safetensors   surgery-only state (masks, permutations), or all weights when the
+                          model has surgery-only modules (then config.json makes transformers
+                          refuse the directory); see surgery/deploy/hf_dir.py
+    tokenizer files       when the model has a tokenizer (chat template included)
     surgery.json          how it was made: script, input hashes, plan, versions, per-step reports,
                           the surgery-made module types to rebuild, tied-tensor aliases
 

@@ -27,8 +27,10 @@ from surgery.registry import get_pass
 from .common import TensorMerger, tensor_kinds
 from .taskvec import compatibility_problems, is_mergeable
 
+# Everything but weights that a model directory needs: config, tokenizer and chat template.
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
+         "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+         "tokenizer.model", "chat_template.jinja", "chat_template.json")
 
 
 class Checkpoint:
