@@ -29,7 +29,7 @@ import torch.nn as nn
 from surgery import registry
 from surgery.atomic import atomic_dir
 from surgery.deploy import hf_dir
-from surgery.diagnostics import error
+from surgery.diagnostics import SurgeryError, error
 from surgery.passapi import replace_module
 
 MANIFEST = "surgery.json"
@@ -135,6 +135,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             new.surgery_attach(root.get_submodule(parent_path) if parent_path else root)
     try:
         state = hf_dir.read(d, manifest)
+    except SurgeryError:
+        raise
     except (SafetensorError, OSError, Exception) as e:  # noqa: B014 - report any corruption
         raise error("E0603", f"cannot read the weights in {d}: {str(e)[:200]}",
                     help="the weights file is corrupt or truncated")

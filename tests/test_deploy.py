@@ -217,3 +217,108 @@ def test_save_keeps_tokenizer_and_chat_template(tmp_path):
     got = AutoTokenizer.from_pretrained(out)
     assert got.chat_template == tok.chat_template
     assert got("int8 keeps its tokenizer") == tok("int8 keeps its tokenizer")
+
+
+PLAIN_PPL = textwrap.dedent('''
+    import json, sys, time, torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(1)
+    ids = torch.load(sys.argv[1])
+    t = time.perf_counter()
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[2]).eval()
+    load_s = time.perf_counter() - t
+    with torch.no_grad():
+        logits = torch.cat([m(ids[i:i + 4]).logits for i in range(0, len(ids), 4)])
+    torch.save(logits, sys.argv[2] + "/plain-logits.pt")
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert "surgery" not in sys.modules
+    print(json.dumps({"ppl": float(ce.exp()), "load_s": load_s}))
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lines", [
+    f"quantize {BODY} to int4 using rtn(group=64)",
+    f'prune modules("model.layers.*.mlp.*_proj") to 2:4 using magnitude()\n'
+    f"quantize {BODY} to int4 using rtn(group=64, symmetric=true)",
+], ids=["int4-asym-g64", "2:4+int4-sym-g64"])
+def test_smollm2_compressed_tensors_in_plain_transformers(tmp_path, lines):
+    from surgery.data import corpus
+    from surgery.evaluate import perplexity
+    from surgery.models import load_tokenizer
+
+    out = tmp_path / "out"
+    res = surgery.apply(None, f'model base = "zoo:smollm2-135m"\n{lines}\nsave "{out}"\n')
+    assert json.loads((out / "surgery.json").read_text())["weights"]["layout"] == \
+        "compressed-tensors"
+    ids = corpus(load_tokenizer(out), "pydoc", samples=16, seqlen=256).calibration
+    torch.save(ids, tmp_path / "ids.pt")
+    loaded = surgery.load(out)
+    ours = perplexity(loaded, ids)
+    proc = subprocess.run([sys.executable, "-c", PLAIN_PPL, str(tmp_path / "ids.pt"), str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        mine = torch.cat([loaded(ids[i:i + 4]).logits for i in range(0, len(ids), 4)])
+    theirs = torch.load(out / "plain-logits.pt")
+    rel = float((theirs - mine).abs().max() / mine.abs().max())
+    print(f"\n{lines!r}: ppl ours {ours:.4f}, plain transformers {plain['ppl']:.4f}, "
+          f"max rel logit diff {rel:.2e}, plain load {plain['load_s']:.1f}s, "
+          f"model.safetensors {(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB")
+    assert rel <= 1e-5
+    assert abs(plain["ppl"] - ours) / ours < 1e-4
+
+
+def test_encoder_int4_in_plain_automodel(tmp_path):
+    """MiniLM (BERT): quantized and pruned layers load in plain AutoModel with our outputs."""
+    out = tmp_path / "minilm"
+    surgery.apply(None, 'model base = "zoo:minilm-l6"\n'
+                        'prune modules("encoder.layer.*.intermediate.dense") to 2:4 using magnitude()\n'
+                        f'quantize type(Linear) to int4 using rtn(group=32)\nsave "{out}"\n')
+    ids = torch.randint(100, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = surgery.load(out)(input_ids=ids).last_hidden_state
+    torch.save(ids, tmp_path / "ids.pt")
+    code = textwrap.dedent(f'''
+        import sys, torch
+        from transformers import AutoModel
+        m = AutoModel.from_pretrained({str(out)!r}).eval()
+        with torch.no_grad():
+            torch.save(m(input_ids=torch.load({str(tmp_path / "ids.pt")!r})).last_hidden_state,
+                       {str(tmp_path / "plain.pt")!r})
+        assert "surgery" not in sys.modules
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = torch.load(tmp_path / "plain.pt")
+    assert float((plain - ours).abs().max() / ours.abs().max()) <= 1e-5
+
+
+def test_without_compressed_tensors_quantized_output_is_refused_not_wrong(tmp_path, monkeypatch):
+    from surgery.deploy import compressed_tensors as ct
+    from surgery.diagnostics import SurgeryError
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    base = tmp_path / "base"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(base)
+    monkeypatch.setattr(ct, "available", lambda: False)
+    out = tmp_path / "out"
+    res = surgery.apply(None, f'model base = "hf:{base}"\nquantize {BODY} to int8\nsave "{out}"\n')
+    weights = json.loads((out / "surgery.json").read_text())["weights"]
+    assert weights["layout"] == "surgery-only"
+    assert all("pip install compressed-tensors" in w for w in weights["no_standard_form"].values())
+    assert json.loads((out / "config.json").read_text())["model_type"] == hf_dir.REFUSED_MODEL_TYPE
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(surgery.load(out)(ids).logits, res.model(ids).logits)
+    # a compressed-tensors directory read without the package: a diagnostic, not a traceback
+    monkeypatch.setattr(ct, "available", lambda: True)
+    out2 = tmp_path / "out2"
+    surgery.apply(None, f'model base = "hf:{base}"\nquantize {BODY} to int8\nsave "{out2}"\n')
+    monkeypatch.setattr(ct, "available", lambda: False)
+    with pytest.raises(SurgeryError) as e:
+        surgery.load(out2)
+    assert e.value.codes == ["E0600"] and "compressed-tensors" in e.value.render()

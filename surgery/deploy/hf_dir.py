@@ -169,6 +169,12 @@ def read(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
         return load_file(str(directory / HF_WEIGHTS))
     if record["layout"] == "surgery-only":
         return load_file(str(directory / OWN_WEIGHTS))
+    if record["layout"] == "compressed-tensors" and not ct.available():
+        from surgery.diagnostics import error
+
+        raise error("E0600", f"`{directory}` stores quantized layers in the compressed-tensors "
+                             "format, and the `compressed-tensors` package is not installed",
+                    help="pip install compressed-tensors (or surgery[deploy])")
     state = load_file(str(directory / HF_WEIGHTS))
     extras = load_file(str(directory / OWN_WEIGHTS)) if OWN_WEIGHTS in record["files"] else {}
     modules = manifest.get("modules", {})
