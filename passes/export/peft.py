@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 
 from surgery.atomic import atomic_dir
+from surgery.deploy.tokenizer_files import copy_tokenizer
 from surgery.passapi import ModelPass, PassError, PassParams, RunContext, StepReport
 from surgery.registry import register
 
@@ -136,9 +138,10 @@ class PeftExport(ModelPass):
                             "LoRA and Bone adapters", hint="export them from separate scripts")
         build = _lora_files if kinds == {"lora"} else _miss_files
         config, tensors, notes = build(layers)
+        base = _base_path(ctx)
         config.update({
             "task_type": _task_type(ctx.model), "inference_mode": True, "revision": None,
-            "modules_to_save": None, "base_model_name_or_path": _base_path(ctx),
+            "modules_to_save": None, "base_model_name_or_path": base,
         })
         notes += _quantized_base_notes(ctx.model)
         try:
@@ -149,6 +152,8 @@ class PeftExport(ModelPass):
         with atomic_dir(self.params.path) as tmp:
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if base is not None and Path(base).is_dir():  # the base's tokenizer and template
+                copy_tokenizer(Path(base), tmp)
         n = sum(t.numel() for t in tensors.values())
         return StepReport(modules=len(layers), parameters=n,
                           metrics={"peft_type": config["peft_type"], "tensors": len(tensors),
