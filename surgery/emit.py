@@ -2,9 +2,13 @@
 
 Layout of a saved directory::
 
-    config.json           the base architecture's config (HF models)
-    model.safetensors     every tensor of the transformed model (tied duplicates stored once)
-    tokenizer files       when the model has a tokenizer
+    config.json           the base architecture's config (HF models), with compressed-tensors'
+                          quantization_config when layers are quantized
+    model.safetensors     the weights as plain transformers reads them (tied duplicates once)
+    surgery.safetensors   surgery-only state (masks, permutations), or all weights when the
+                          model has surgery-only modules (then config.json makes transformers
+                          refuse the directory); see surgery/deploy/hf_dir.py
+    tokenizer files       when the model has a tokenizer (chat template included)
     surgery.json          how it was made: script, input hashes, plan, versions, per-step reports,
                           the surgery-made module types to rebuild, tied-tensor aliases
 
@@ -25,7 +29,8 @@ import torch.nn as nn
 
 from surgery import registry
 from surgery.atomic import atomic_dir
-from surgery.diagnostics import error
+from surgery.deploy import hf_dir
+from surgery.diagnostics import SurgeryError, error
 from surgery.passapi import replace_module
 from surgery.tying import tied_names
 
@@ -98,20 +103,14 @@ def split_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def save(model: nn.Module, path: str | Path, manifest: dict[str, Any], tokenizer=None) -> Path:
     """Write the model directory atomically."""
-    from safetensors.torch import save_file
-
     tensors, aliases = split_aliases(model)
     modules = registry.surgery_modules(model)
     full = {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
             "modules": modules, "aliases": aliases,
             "base": _base_info(model)}
     with atomic_dir(path) as tmp:
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            cfg = config.to_dict()
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        save_file({k: tensors[k] for k in sorted(tensors)}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt"})  # one key: safetensors orders keys randomly
+        # config.json + weights as plain transformers reads them (surgery/deploy/hf_dir.py)
+        full["weights"] = hf_dir.write(tmp, model, tensors, modules)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
@@ -137,7 +136,7 @@ def _rebuild_base(d: Path, manifest: dict, model: nn.Module | None) -> nn.Module
     import transformers
     from surgery.models import _hf_config, _quiet
 
-    config = json.loads((d / "config.json").read_text())
+    config = hf_dir.base_config(json.loads((d / "config.json").read_text()))
     cls = getattr(transformers, base.get("class", ""), None) or transformers.AutoModel
     with _quiet():
         built = cls._from_config(_hf_config(config), dtype=torch.float32)
@@ -147,7 +146,6 @@ def _rebuild_base(d: Path, manifest: dict, model: nn.Module | None) -> nn.Module
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by `save`: base architecture, surgery module types, weights."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     d = Path(path)
     if not (d / MANIFEST).exists():
@@ -169,9 +167,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             parent_path = p.rpartition(".")[0]
             new.surgery_attach(root.get_submodule(parent_path) if parent_path else root)
     try:
-        state = load_file(str(d / WEIGHTS))
+        state = hf_dir.read(d, manifest)
+    except SurgeryError:
+        raise
     except (SafetensorError, OSError, Exception) as e:  # noqa: B014 - report any corruption
-        raise error("E0603", f"cannot read {d / WEIGHTS}: {str(e)[:200]}",
+        raise error("E0603", f"cannot read the weights in {d}: {str(e)[:200]}",
                     help="the weights file is corrupt or truncated")
     aliases = manifest.get("aliases", {})
     for alias, canonical in aliases.items():

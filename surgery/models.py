@@ -173,6 +173,21 @@ def parse_source(source: str) -> tuple[str, str]:
                      + ") or `hf:DIR` (a Hugging Face directory)")
 
 
+def local_dir(source: str) -> Path | None:
+    """The directory transformers loads for a ``zoo:``/``hf:`` source (absolute), or None.
+
+    What other tools are told the base model is (PEFT's ``base_model_name_or_path``): they
+    know nothing of our schemes."""
+    try:
+        scheme, rest = parse_source(source)
+    except SurgeryError:
+        return None
+    if scheme == "zoo":
+        return zoo_dir(rest).resolve() if rest in ZOO else None
+    d = Path(rest).expanduser()
+    return d.resolve() if (d / "config.json").exists() else None
+
+
 def _check_zoo_name(name: str) -> None:
     if name not in ZOO:
         from surgery.diagnostics import did_you_mean
@@ -193,6 +208,14 @@ def _hf_dir(path: str) -> Path:
         raise error("E0602", f"`{path}` has no config.json",
                     help="save the model with `save_pretrained`, or use the Python API for plain "
                          "nn.Modules")
+    from surgery.deploy.hf_dir import ORIGINAL
+
+    if ORIGINAL in (d / "config.json").read_text():  # cheap pre-check before parsing
+        if ORIGINAL in json.loads((d / "config.json").read_text()):
+            raise error("E0602", f"`{path}` is a surgery output with surgery-only modules (see "
+                                 "its surgery.json); transformers cannot build it",
+                        help="load it in Python with surgery.load(DIR) and pass the model to "
+                             "surgery.apply(model, script)")
     return d
 
 

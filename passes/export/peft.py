@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 
 from surgery.atomic import atomic_dir
+from surgery.deploy.tokenizer_files import copy_tokenizer
 from surgery.passapi import (Granularity, ModelPass, PassError, PassParams, PassResult, RunContext,
                              State, StepReport)
 from surgery.registry import register
@@ -79,6 +81,30 @@ def _miss_files(layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch
     return config, tensors, []
 
 
+def _base_path(ctx: RunContext) -> str | None:
+    """Where PEFT finds the base: the directory transformers loads (so that
+    ``AutoPeftModelFor*.from_pretrained(DIR)`` works), else the source as written."""
+    from surgery.models import local_dir
+
+    sources = list(ctx.model_sources.values())
+    source = ctx.extras.get("base_source") or (sources[0] if len(sources) == 1 else None)
+    if source is None:
+        return None
+    d = local_dir(source)
+    return str(d) if d is not None else source
+
+
+def _quantized_base_notes(model: nn.Module) -> list[str]:
+    from surgery.passes.quantize.qlinear import QuantLinear
+
+    n = sum(isinstance(m, QuantLinear) for m in model.modules())
+    if not n:
+        return []
+    return [f"the adapters sit on a base with {n} quantized layers, but "
+            "base_model_name_or_path names the float base: PEFT will apply them to float "
+            "weights, and its outputs will differ from ours"]
+
+
 class PeftExportParams(PassParams):
     path: str = Field(description="output directory")
 
@@ -118,13 +144,12 @@ class PeftExport(ModelPass):
                             "LoRA and Bone adapters", hint="export them from separate scripts")
         build = _lora_files if kinds == {"lora"} else _miss_files
         config, tensors, notes = build(layers)
-        sources = list(ctx.model_sources.values())
+        base = _base_path(ctx)
         config.update({
             "task_type": _task_type(ctx.model), "inference_mode": True, "revision": None,
-            "modules_to_save": None,
-            "base_model_name_or_path": ctx.extras.get("base_source")
-            or (sources[0] if len(sources) == 1 else None),
+            "modules_to_save": None, "base_model_name_or_path": base,
         })
+        notes += _quantized_base_notes(ctx.model)
         try:
             import peft
             config["peft_version"] = peft.__version__
@@ -133,6 +158,8 @@ class PeftExport(ModelPass):
         with atomic_dir(self.params.path) as tmp:
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if base is not None and Path(base).is_dir():  # the base's tokenizer and template
+                copy_tokenizer(Path(base), tmp)
         n = sum(t.numel() for t in tensors.values())
         return self.result(ctx, StepReport(
             modules=len(layers), parameters=n,

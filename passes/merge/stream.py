@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surgery.atomic import atomic_dir
+from surgery.deploy.tokenizer_files import TOKENIZER_FILES
 from surgery.passapi import PassError
 from surgery.progress import Progress
 from surgery.registry import get_pass
@@ -28,8 +29,8 @@ from surgery.registry import get_pass
 from .common import TensorMerger, tensor_kinds
 from .taskvec import compatibility_problems, is_mergeable
 
-_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
+# Everything but weights that a model directory needs: config, tokenizer and chat template.
+_COPY = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 class Checkpoint:

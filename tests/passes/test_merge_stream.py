@@ -55,6 +55,26 @@ def test_stream_equals_in_memory(ckpts, tmp_path, method, kw):
         assert torch.equal(got[k], v), k
 
 
+def test_stream_keeps_tokenizer_and_chat_template(ckpts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import tiny_tokenizer
+
+    d, _ = ckpts
+    src = tmp_path / "m1"
+    for f in (d / "m1").iterdir():
+        (src / f.name).parent.mkdir(exist_ok=True)
+        (src / f.name).write_bytes(f.read_bytes())
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(src)
+    assert (src / "chat_template.jinja").exists()
+    stream_merge("linear", [src, d / "m2"], tmp_path / "out")
+    got = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert got.chat_template == tok.chat_template
+    assert got("a merged model") == tok("a merged model")
+
+
 def test_stream_bad_input(ckpts, tmp_path):
     d, _ = ckpts
     tiny(5, intermediate_size=48).save_pretrained(tmp_path / "odd")

@@ -74,6 +74,39 @@ def test_peft_round_trip_tiny_llama(tmp_path, name, method, params):
     assert (out(loaded, ids) - out(tiny_llama(), ids)).abs().max() > 1e-3  # adapters matter
 
 
+def test_auto_peft_model_finds_the_base_by_itself(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import tiny_tokenizer
+
+    model, ids = tiny_llama(), tokens(4)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(tmp_path / "base")
+    adapt(model, "lora", r=4, alpha=8)
+    train(model, ids, lr=1e-2)
+    cfg = export(model, tmp_path / "ad", {"base": f"hf:{tmp_path / 'base'}"})
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad")).eval()
+    assert (out(loaded, ids) - out(model, ids)).abs().max() < 1e-5
+    assert (out(loaded, ids) - out(tiny_llama(), ids)).abs().max() > 1e-3  # adapters matter
+    got = AutoTokenizer.from_pretrained(tmp_path / "ad")  # the base's tokenizer travels along
+    assert got.chat_template == tok.chat_template and got("x y") == tok("x y")
+
+
+def test_zoo_base_is_the_cached_directory():
+    from surgery.models import local_dir, zoo_dir
+
+    assert local_dir("zoo:minilm-l6") == zoo_dir("minilm-l6").resolve()
+    assert (local_dir("zoo:minilm-l6") / "config.json").exists()
+    assert local_dir("zoo:nope") is None and local_dir("hf:/no/such/dir") is None
+
+
 def test_mixed_adapter_types_are_refused(tmp_path):
     model = tiny_llama()
     adapt(model, "lora", suffixes=("q_proj",), r=4)

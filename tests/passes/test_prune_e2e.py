@@ -51,11 +51,19 @@ def test_apply_prunes_and_saves_compactly(tokenizer, tmp_path):
     assert not isinstance(model.lm_head, SparseLinear)
     from safetensors import safe_open
 
-    files = list(out.glob("*.safetensors"))
-    with safe_open(str(files[0]), "pt") as f:
+    # plain transformers reads model.safetensors: the dense weight, zeros where pruned; the
+    # masks (surgery-only) are bit-packed beside it (surgery/deploy/sparse.py)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert "model.layers.0.mlp.up_proj.weight_values" in keys
-    assert "model.layers.0.mlp.up_proj.weight" not in keys
+        up = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+    assert "model.layers.0.mlp.up_proj.weight_values" not in keys
+    assert not any(k.endswith("weight_mask") for k in keys)
+    up_mask = model.model.layers[0].mlp.up_proj.weight_mask
+    assert torch.equal(up, model.model.layers[0].mlp.up_proj.weight.detach())
+    assert not bool(up[~up_mask].any())
+    with safe_open(str(out / "surgery.safetensors"), "pt") as f:
+        bits = f.get_tensor("model.layers.0.mlp.up_proj.weight_mask_bits")
+    assert bits.dtype == torch.uint8 and bits.numel() * 8 == up_mask.numel()
     again = surgery.load(out)
     ids = torch.randint(0, 1000, (1, 12))
     assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
