@@ -50,7 +50,7 @@ def _value(expr: ast.Expr, original: float | None) -> float | None:
 def _zero_divisor(program: CheckedProgram, exp: Expectation, divisor: ast.Expr,
                   original: float | None) -> Diagnostic:
     when = f" (original = {original:.6g})" if original is not None else ""
-    return Diagnostic("E0301", f"the bound of this expectation divides by zero{when}",
+    return Diagnostic("E0214", f"the bound of this expectation divides by zero{when}",
                       divisor.span, help="divide by a number that is not zero",
                       source=program.source)
 

@@ -210,8 +210,13 @@ def _hf_dir(path: str) -> Path:
                          "nn.Modules")
     from surgery.deploy.hf_dir import ORIGINAL
 
-    if ORIGINAL in (d / "config.json").read_text():  # cheap pre-check before parsing
-        if ORIGINAL in json.loads((d / "config.json").read_text()):
+    raw = (d / "config.json").read_bytes()
+    if ORIGINAL.encode() in raw:  # cheap pre-check; a broken config is reported by read_config
+        try:
+            cfg = json.loads(raw)
+        except ValueError:
+            cfg = None
+        if isinstance(cfg, dict) and ORIGINAL in cfg:
             raise error("E0602", f"`{path}` is a surgery output with surgery-only modules (see "
                                  "its surgery.json); transformers cannot build it",
                         help="load it in Python with surgery.load(DIR) and pass the model to "

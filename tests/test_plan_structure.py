@@ -229,4 +229,4 @@ def test_division_by_zero_at_run_time_is_located(dirs):
                         "expect perplexity(calib) <= 2 / (original - original)\n")
     surgery.compile(text).plan()  # `original` is not known before the run
     d = errors(lambda: surgery.compile(text).apply())[0]
-    assert d.code == "E0301" and d.span.line == 6 and "original =" in d.message
+    assert d.code == "E0214" and d.span.line == 6 and "original =" in d.message
