@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import (TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Iterable, final,
                     get_args, get_origin)
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -42,6 +42,16 @@ class State(str, enum.Enum):
     SWAPPED = "attention-swapped"  # attention normaliser replaced
     LOWERED = "lowered"  # ops replaced by backend kernels
     MERGED = "merged"  # weights produced by a model merge
+
+
+def _non_empty_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("path must not be empty")
+    return value
+
+
+# An output path of a `save` or `export` statement.
+OutputPath = Annotated[str, AfterValidator(_non_empty_path)]
 
 
 class PassParams(BaseModel):

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from surgery.atomic import atomic_dir
 from surgery.deploy.tokenizer_files import copy_tokenizer
-from surgery.passapi import (Granularity, ModelPass, PassError, PassParams, PassResult, RunContext,
-                             State, StepReport)
+from surgery.passapi import (Granularity, ModelPass, OutputPath, PassError, PassParams,
+                             PassResult, RunContext, State, StepReport)
 from surgery.registry import register
 
 PREFIX = "base_model.model."
@@ -106,14 +106,7 @@ def _quantized_base_notes(model: nn.Module) -> list[str]:
 
 
 class PeftExportParams(PassParams):
-    path: str = Field(description="output directory")
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("path must not be empty")
-        return v
+    path: OutputPath = Field(description="output directory")
 
 
 @register

@@ -7,21 +7,14 @@ and changes none. Its manifest (script, input hashes, plan, step reports) is bui
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from surgery.passapi import (Granularity, ModelPass, PassParams, PassResult, RunContext, State,
-                             StepReport)
+from surgery.passapi import (Granularity, ModelPass, OutputPath, PassParams, PassResult,
+                             RunContext, State, StepReport)
 from surgery.registry import register
 
 class SaveParams(PassParams):
-    path: str = Field(description="output directory (written atomically)")
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("path must not be empty")
-        return v
+    path: OutputPath = Field(description="output directory (written atomically)")
 
 
 @register
