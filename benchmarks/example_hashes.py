@@ -60,8 +60,8 @@ def hash_output(path: Path) -> dict[str, str]:
     """Hashes of one output: a save directory's weights, or every file an export wrote."""
     if path.is_file():
         return {path.name: onnx_sha256(path) if path.suffix == ".onnx" else sha256(path)}
-    if (path / "surgery.json").exists():
-        return {"model.safetensors": sha256(path / "model.safetensors")}
+    if (path / "surgery.json").exists():  # a save: its weight files (the layout says which)
+        return {f.name: sha256(f) for f in sorted(path.glob("*.safetensors"))}
     return {str(f.relative_to(path)): sha256(f) for f in sorted(path.rglob("*"))
             if f.is_file() and f.suffix in (".safetensors", ".onnx", ".data", ".bin")}
 
