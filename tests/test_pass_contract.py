@@ -165,27 +165,12 @@ def test_bone_bat_refuses_quantized_bases(dirs):
 # -- postconditions after apply ---------------------------------------------------------------
 
 # One script per registered pass, run on a tiny model; the last statement is the pass under test.
-APPLY = {
-    "quantize/rtn": 'quantize modules("**.q_proj") to int8',
-    "quantize/gptq": 'quantize modules("**.q_proj") to int4 using gptq(data=calib, group=32)',
-    "prune/magnitude": 'prune modules("**.q_proj") to 2:4',
-    "prune/sparsegpt": 'prune modules("**.q_proj") to 2:4 using sparsegpt(data=calib)',
+# The statement each pass is applied with: its USE statement, except where running it needs more
+# (wanda at 50%, merge adapters after an adapter, PLeaS in one step) or the pass has no refusals.
+APPLY = USE | {
     "prune/wanda": 'prune modules("**.q_proj") to 50% using wanda(data=calib)',
-    "adapt/lora": 'adapt modules("**.q_proj") with lora(r=4)',
-    "adapt/bone": 'adapt modules("**.q_proj") with bone(block=16)',
     "merge/adapters": 'adapt modules("**.q_proj") with lora(r=4)\nmerge adapters',
-    "swap/stablemax": 'swap softmax in modules("**.self_attn") for stablemax',
-    "swap/softplus": 'swap softmax in modules("**.self_attn") for softplus(reweight=true, p=15)',
-    "merge/linear": "merge a, b using linear()",
-    "merge/task_arithmetic": "merge a, b into a using task_arithmetic()",
-    "merge/ties": "merge a, b into a using ties(density=0.5)",
-    "merge/dare": "merge a, b into a using dare(p=0.5)",
-    "merge/dare_ties": "merge a, b into a using dare_ties(density=0.5)",
-    "merge/dare_linear": "merge a, b into a using dare_linear(density=0.5)",
-    "merge/pcb": "merge a, b into a using pcb()",
-    "merge/widen": "merge a, b into a using widen()",
     "merge/pleas": "merge a, b using pleas(data=calib, steps=1)",
-    "merge/weight_matching": "merge a, b using weight_matching()",
     "export/onnx": 'export onnx "{out}/m.onnx"',
     "export/peft": 'adapt modules("**.q_proj") with lora(r=4)\nexport peft "{out}/peft"',
     "save/surgery": 'save "{out}/saved"',
