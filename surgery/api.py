@@ -17,7 +17,7 @@ from surgery.outputs import check_output
 from surgery.outputs import release as release_output
 from surgery.parser import gc_paused, parse
 from surgery.progress import Progress
-from surgery.runner import Result, Runner, load_models, plan_for, subject_for
+from surgery.runner import Result, Runner, given_models, load_models, plan_for, subject_for
 from surgery.source import SourceFile
 
 
@@ -39,12 +39,13 @@ class Program:
         return self._checked
 
     def plan(self, model: str | nn.Module | LoadedModel | None = None, *,
-             trust_remote_code: bool = False) -> Plan:
-        """Bind to a model (default: the script's model, as a weightless skeleton)."""
+             models: dict | None = None, trust_remote_code: bool = False) -> Plan:
+        """Bind to a model (default: the script's model, as a weightless skeleton). ``models``
+        gives other declared models by name (see ``apply``)."""
         with remote_code(trust_remote_code):
-            return self._plan(model)
+            return self._plan(model, models)
 
-    def _plan(self, model) -> Plan:
+    def _plan(self, model, given: dict | None = None) -> Plan:
         checked = self.check()
         # A structural skeleton (no model code imported) serves unless a pass's plan-time checks
         # run the model's forward.
@@ -53,6 +54,7 @@ class Program:
                                                                              LoadedModel)),
                               structural=structural)
         models = {checked.subject.name: subject.model} if checked.subject else {}
+        models.update({n: lm.model for n, lm in given_models(checked, given).items()})
         for name, decl in checked.models.items():
             if name not in models:
                 try:
@@ -68,12 +70,17 @@ class Program:
     def apply(self, model: str | nn.Module | LoadedModel | None = None, *, seed: int = 0,
               output: str | Path | None = None, progress: Progress | None = None,
               trust_pickle: bool = False, inplace: bool = False,
-              trust_remote_code: bool = False) -> Result:
+              trust_remote_code: bool = False, models: dict | None = None) -> Result:
         """Run the script on ``model`` (default: load the script's model) and return the new
         model in ``Result.model``. A module you pass in is copied first and never modified,
-        unless ``inplace=True`` (no copy: less memory, and your module is edited). Outputs are
-        written only if every expectation holds."""
+        unless ``inplace=True`` (no copy: less memory, and your module is edited). ``models``
+        gives other declared models by name, e.g. the models a merge reads:
+        ``models={"b": module_b}`` instead of loading ``model b = "..."`` (never modified).
+        Outputs are written only if every expectation holds."""
         checked = self.check()
+        if not inplace and models:
+            models = {n: copy.deepcopy(m) if isinstance(m, nn.Module) else m
+                      for n, m in models.items()}
         if not inplace and isinstance(model, nn.Module):
             model = copy.deepcopy(model)
         elif not inplace and isinstance(model, LoadedModel):
@@ -85,7 +92,8 @@ class Program:
         try:
             with remote_code(trust_remote_code):
                 loaded = load_models(checked, subject, progress=runner.progress,
-                                     trust_pickle=trust_pickle)
+                                     trust_pickle=trust_pickle,
+                                     given=given_models(checked, models))
                 return runner.run(plan_for(checked, loaded), loaded, output=out)
         finally:
             release_output(out or checked.save_path)  # the runner's claim on the output

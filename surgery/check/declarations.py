@@ -12,7 +12,7 @@ from surgery.check.values import describe, to_value
 from surgery.diagnostics import Code, did_you_mean
 
 DATA_SOURCES = ("corpus", "text")
-MODEL_SCHEMES = ("zoo:", "hf:")
+MODEL_SCHEMES = ("zoo:", "hf:", "gguf:")
 _LIMIT = 1_000_000  # samples, windows and seqlen beyond this are mistakes, not data sets
 
 
@@ -42,7 +42,9 @@ def model(cx: Checking, stmt: ast.ModelStmt) -> None:
     src = stmt.source.value
     if not src.startswith(MODEL_SCHEMES):
         cx.add(Code.E0600, f"unknown model source `{src}`", stmt.source.span,
-               help="use `zoo:NAME` (built-in offline models: minilm-l6, smollm2-135m) or `hf:DIR`")
+               help="use `zoo:NAME` (built-in offline models: minilm-l6, smollm2-135m), `hf:DIR`, "
+                    "`hf:FILE.safetensors`, `hf:ORG/NAME` (local Hugging Face cache) or "
+                    "`gguf:FILE.gguf`")
         return
     if src.startswith("zoo:"):
         from surgery.models import ZOO
