@@ -125,7 +125,7 @@ class CompensatePass(ModulePass):
         return model
 
     def affected_parameters(self, modules: dict[str, nn.Module]) -> int:
-        return sum(self.params.rank_for(p) * (m.in_features + m.out_features)
+        return sum((self.params.rank_for(p) or 0) * (m.in_features + m.out_features)
                    for p, m in modules.items())
 
     def estimate_memory(self, modules: dict[str, nn.Module]) -> int:
