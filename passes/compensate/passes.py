@@ -96,7 +96,6 @@ class CompensatePass(ModulePass):
     accepts = frozenset({State.QUANTIZED, State.MASKED, State.SWAPPED})
     produces = frozenset({State.COMPENSATED, State.ADAPTED})
     refusals = {
-        State.COMPENSATED: "already compensated",
         State.ADAPTED: "the layer has an adapter; compensate the compressed layer before `adapt`",
         State.MERGED: "the layer's weights come from a merge, so the compressed layer has no "
                       "uncompressed reference to compensate towards",
