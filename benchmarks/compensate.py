@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="")
+    ap.add_argument("--fp32-ppl", type=float, default=None,
+                    help="reuse a measured fp32 perplexity (same evaluation windows)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -118,8 +120,12 @@ def main() -> None:
               "eval_tokens": int(evaluation.numel()), "rank": args.rank,
               "load_at_start": round(os.getloadavg()[0], 1)}
     t0 = time.perf_counter()
-    fp = perplexity(base, evaluation)
-    emit({"config": "fp32", "ppl": fp, "eval_s": time.perf_counter() - t0, **common}, args.out)
+    if args.fp32_ppl is None:
+        fp = perplexity(base, evaluation)
+        emit({"config": "fp32", "ppl": fp, "eval_s": time.perf_counter() - t0, **common},
+             args.out)
+    else:
+        fp = args.fp32_ppl
 
     for key in args.configs.split(","):
         label, verb, method, params = CONFIGS[key]
