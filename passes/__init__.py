@@ -7,6 +7,7 @@ from surgery.passes import adapters  # noqa: F401
 from surgery.passes import merge  # noqa: F401
 from surgery.passes import attention  # noqa: F401
 from surgery.passes import lower  # noqa: F401
+from surgery.passes import compensate  # noqa: F401
 from surgery.passes import export  # noqa: F401
 
-FAMILIES = ["quantize", "prune", "adapters", "merge", "attention", "lower", "export"]
+FAMILIES = ["quantize", "prune", "adapters", "merge", "attention", "lower", "compensate", "export"]

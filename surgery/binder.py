@@ -255,7 +255,8 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
 
 
 _PAST = {State.MASKED: "pruned", State.QUANTIZED: "quantized", State.ADAPTED: "given adapters",
-         State.SWAPPED: "attention-swapped", State.LOWERED: "lowered", State.MERGED: "merged"}
+         State.SWAPPED: "attention-swapped", State.LOWERED: "lowered", State.MERGED: "merged",
+         State.COMPENSATED: "compensated"}
 
 
 def _states_at(path: str, states: dict[str, dict[State, int]]) -> dict[State, int]:

@@ -42,6 +42,7 @@ class State(str, enum.Enum):
     SWAPPED = "attention-swapped"  # attention normaliser replaced
     LOWERED = "lowered"  # ops replaced by backend kernels
     MERGED = "merged"  # weights produced by a model merge
+    COMPENSATED = "compensated"  # a low-rank path cancels the compression error (EoRA)
 
 
 def _non_empty_path(value: str) -> str:

@@ -28,6 +28,7 @@ GRANULARITY = {
     "merge/dare_ties": "tensor", "merge/dare_linear": "tensor",
     "merge/pleas": "model", "merge/weight_matching": "model",
     "export/onnx": "model", "export/peft": "tensor", "save/surgery": "tensor",
+    "compensate/eora": "block", "compensate/svd": "tensor",
 }
 
 
@@ -123,6 +124,8 @@ USE = {
     "merge/widen": "merge a, b into a using widen()",
     "merge/pleas": "merge a, b using pleas(data=calib)",
     "merge/weight_matching": "merge a, b using weight_matching()",
+    "compensate/eora": 'compensate modules("**.q_proj") using eora(rank=4, data=calib)',
+    "compensate/svd": 'compensate modules("**.q_proj") using svd(rank=4)',
 }
 # `merge adapters` needs the adapter on top of the refused state.
 BEFORE_USE = {"merge/adapters": MAKE[State.ADAPTED]}
@@ -174,6 +177,9 @@ APPLY = USE | {
     "export/onnx": 'export onnx "{out}/m.onnx"',
     "export/peft": 'adapt modules("**.q_proj") with lora(r=4)\nexport peft "{out}/peft"',
     "save/surgery": 'save "{out}/saved"',
+    # compensate needs a compressed layer (its refusals are the states it cannot follow)
+    "compensate/eora": MAKE[State.QUANTIZED] + "\n" + USE["compensate/eora"],
+    "compensate/svd": MAKE[State.MASKED] + "\n" + USE["compensate/svd"],
 }
 
 

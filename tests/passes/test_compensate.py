@@ -1,0 +1,279 @@
+"""`compensate ... using eora|svd`: the projection's identities, the layer, the verb's checks,
+save/load and the PEFT export (fast, tiny shapes)."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import surgery
+from surgery.diagnostics import SurgeryError
+from surgery.models import load_model
+from surgery.passapi import State, carried_states
+from surgery.passes.compensate.layer import CompensatedLinear
+from surgery.passes.compensate.lowrank import (eigen_scaling, eora_factors, output_error,
+                                               svd_factors)
+from surgery.passes.compensate.passes import CompensateParams
+from surgery.passes.prune.sparse_linear import SparseLinear
+from surgery.passes.quantize.qlinear import QuantLinear
+
+F64 = torch.float64
+
+
+def problem(out=24, inp=40, n=64, seed=0):
+    """A weight error and correlated, anisotropic calibration inputs X (in, n)."""
+    g = torch.Generator().manual_seed(seed)
+    dW = torch.randn(out, inp, generator=g, dtype=F64) * 0.1
+    mix = torch.randn(inp, inp, generator=g, dtype=F64)
+    X = mix @ torch.randn(inp, n, generator=g, dtype=F64) * torch.linspace(
+        0.05, 3, inp, dtype=F64)[:, None]
+    return dW, X
+
+
+# -- the identities ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factors", ["eora", "svd"])
+def test_zero_error_gives_an_exactly_zero_path(factors):
+    _, X = problem()
+    dW = torch.zeros(24, 40, dtype=F64)
+    B, A = eora_factors(dW, X @ X.T, 8) if factors == "eora" else svd_factors(dW, 8)
+    assert B.shape == (24, 8) and A.shape == (8, 40)
+    assert not B.any() and not A.any()
+
+
+@pytest.mark.parametrize("n", [64, 16])  # full-rank inputs, and fewer tokens than in_features
+def test_full_rank_reproduces_the_original_output_on_the_calibration_inputs(n):
+    dW, X = problem(n=n)
+    W = torch.randn(24, 40, generator=torch.Generator().manual_seed(1), dtype=F64)
+    Wc = W - dW
+    B, A = eora_factors(dW, X @ X.T, min(dW.shape))
+    ref = W @ X
+    assert float(((Wc + B @ A) @ X - ref).abs().max() / ref.abs().max()) < 1e-12
+    if n >= 40:  # X spans every input direction: the path is the whole error
+        assert float((B @ A - dW).abs().max() / dW.abs().max()) < 1e-9
+
+
+def test_identity_covariance_makes_eora_plain_svd():
+    dW, _ = problem()
+    for scale in (1.0, 7.5):  # any multiple of I: the eigenspace is every orthonormal basis
+        B, A = eora_factors(dW, scale * torch.eye(40, dtype=F64), 8)
+        Bs, As = svd_factors(dW, 8)
+        assert float((B @ A - Bs @ As).abs().max()) < 1e-12
+
+
+def test_eora_attains_the_eckart_young_optimum_of_the_scaled_error():
+    """||(dW - BA) X||² = Σ_{i>r} σ_i(dW Q')² and no rank-r path does better (SVD included)."""
+    dW, X = problem()
+    G = X @ X.T
+    scale, inv = eigen_scaling(G)
+    torch.testing.assert_close(scale @ inv, torch.eye(40, dtype=F64), rtol=0, atol=1e-10)
+    sigma = torch.linalg.svdvals(dW @ scale)
+    for r in (1, 4, 12):
+        B, A = eora_factors(dW, G, r)
+        got = output_error(dW - B @ A, G)
+        assert got == pytest.approx(float((sigma[r:] ** 2).sum()), rel=1e-9)
+        Bs, As = svd_factors(dW, r)
+        assert got < output_error(dW - Bs @ As, G)
+
+
+def test_factors_share_the_singular_values_evenly():
+    """B = U_r Σ_r^{1/2}: B's column norms squared are the kept singular values (of dW Q' for
+    eora, of dW for svd), and A carries the other half."""
+    dW, X = problem()
+    G = X @ X.T
+    scale, _ = eigen_scaling(G)
+    B, A = eora_factors(dW, G, 6)
+    torch.testing.assert_close(B.norm(dim=0) ** 2, torch.linalg.svdvals(dW @ scale)[:6],
+                               rtol=1e-9, atol=0)
+    torch.testing.assert_close((A @ scale).norm(dim=1) ** 2, B.norm(dim=0) ** 2, rtol=1e-9,
+                               atol=0)
+    Bs, As = svd_factors(dW, 6)
+    torch.testing.assert_close(Bs.norm(dim=0) ** 2, torch.linalg.svdvals(dW)[:6], rtol=1e-9,
+                               atol=0)
+    torch.testing.assert_close(As.norm(dim=1), Bs.norm(dim=0), rtol=1e-9, atol=0)
+
+
+# -- rank patterns --------------------------------------------------------------------------------
+
+def test_rank_pattern_first_match_wins():
+    p = CompensateParams(rank=[["**.mlp.*", 64], ["**", 16]])
+    assert p.rank_for("model.layers.3.mlp.up_proj") == 64
+    assert p.rank_for("model.layers.3.self_attn.q_proj") == 16
+    assert CompensateParams(rank=[["**.mlp.*", 4]]).rank_for("model.layers.0.self_attn.q_proj") \
+        is None
+    assert CompensateParams(rank=8).rank_for("anything") == 8
+
+
+@pytest.mark.parametrize("rank,msg", [(0, "positive integer"), (2.5, "positive integer"),
+                                      ([["**", 0]], "positive integer"), ([], "at least one"),
+                                      ([["**"]], "pair"), (True, "positive integer")])
+def test_bad_ranks_are_parameter_errors(rank, msg):
+    with pytest.raises(ValueError, match=msg):
+        CompensateParams(rank=rank)
+
+
+# -- through the compiler ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny random Llama saved as an `hf:` source (compensate reloads its float weights)."""
+    tok = load_model("zoo:smollm2-135m").tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                      architectures=["LlamaForCausalLM"])
+    d = tmp_path_factory.mktemp("tiny") / "base"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+HEAD = 'model base = "hf:{d}"\ndata calib = corpus("pydoc", samples=8, seqlen=64)\n'
+MLP = 'modules("model.layers.*.mlp.*_proj")'
+
+
+def run(base_dir, body):
+    return surgery.apply(None, HEAD.format(d=base_dir) + body)
+
+
+def test_eora_after_gptq_int3_saves_loads_and_exports_peft(base_dir, tmp_path):
+    res = run(base_dir, f"quantize {MLP} to int3 using gptq(data=calib, group=32)\n"
+                        f"compensate {MLP} using eora(rank=8, data=calib)\n"
+                        f'save "{tmp_path}/out"\nexport peft "{tmp_path}/peft"\n')
+    model = res.model
+    layer = model.get_submodule("model.layers.0.mlp.up_proj")
+    assert isinstance(layer, CompensatedLinear) and isinstance(layer.base_layer, QuantLinear)
+    assert carried_states(layer) >= {State.COMPENSATED, State.ADAPTED}
+    assert layer.r == 8 and layer.scaling == 1.0 and layer.method == "eora"
+    step = next(s for s in res.report.steps if s.verb == "compensate")
+    rec = [r["output_error_recovered"] for r in step.report.per_module.values()]
+    assert len(rec) == 6 and all(0.0 < r < 1.0 for r in rec)
+    assert step.report.metrics["added_parameters"] == 8 * (64 + 128) * 6
+    back = surgery.load(tmp_path / "out")
+    assert isinstance(back.get_submodule("model.layers.0.mlp.up_proj"), CompensatedLinear)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 8
+    assert len(cfg["target_modules"]) == 6
+
+
+def test_eora_beats_svd_on_the_layer_output_error(base_dir):
+    rows = {}
+    for method in ("eora(rank=4, data=calib)", "svd(rank=4)"):
+        res = run(base_dir, f"quantize {MLP} to int2 using rtn(group=32)\n"
+                            f"compensate {MLP} using {method}\n")
+        rows[method[:4]] = res.model
+    # EoRA is the optimum on its calibration inputs: the first layer's gate_proj sees the same
+    # inputs in both models (nothing before it is compensated), so on `calib` it must win
+    from surgery.data import corpus
+
+    lm = load_model(f"hf:{base_dir}")
+    ids = corpus(lm.tokenizer, "pydoc", samples=8, seqlen=64).calibration
+    ref = lm.model.get_submodule("model.layers.0.mlp.gate_proj")
+    errs = {}
+    for name, model in rows.items():
+        layer = model.get_submodule("model.layers.0.mlp.gate_proj")
+        seen = {}
+        h = layer.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+        with torch.no_grad():
+            model(input_ids=ids)
+        h.remove()
+        x = seen["x"].reshape(-1, 64)
+        with torch.no_grad():
+            errs[name] = float((layer(x) - ref(x)).norm())
+    assert errs["eora"] < errs["svd("]
+
+
+def test_svd_on_a_pruned_layer_is_a_lora_adapter_peft_reproduces(base_dir, tmp_path):
+    from peft import PeftModel
+
+    res = run(base_dir, f"prune {MLP} to 2:4 using magnitude()\n"
+                        f"compensate {MLP} using svd(rank=6)\n"
+                        f'export peft "{tmp_path}/peft"\n')
+    model = res.model
+    layer = model.get_submodule("model.layers.1.mlp.down_proj")
+    assert isinstance(layer.base_layer, SparseLinear) and layer.method == "svd"
+    # PEFT's LoRA on a plain model holding the pruned weights = our compensated model
+    plain = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, CompensatedLinear):
+                plain.get_submodule(name).weight.copy_(m.base_layer.weight)
+    peft = PeftModel.from_pretrained(plain, tmp_path / "peft").eval()
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(peft(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_then_quantized_layer_is_compensated_against_the_float_weight(base_dir):
+    res = run(base_dir, f"prune {MLP} to 2:4 using magnitude()\n"
+                        f"quantize {MLP} to int4 using rtn(group=32)\n"
+                        f"compensate {MLP} using svd(rank=64)\n")
+    layer = res.model.get_submodule("model.layers.0.mlp.down_proj")  # 64 x 128: rank 64 = full
+    W = load_model(f"hf:{base_dir}").model.get_submodule("model.layers.0.mlp.down_proj").weight
+    total = layer.base_layer.dequantized_weight() + layer.delta_weight()
+    torch.testing.assert_close(total, W.detach(), rtol=0, atol=1e-5)
+
+
+# -- located errors -------------------------------------------------------------------------------
+
+def plan_error(base_dir, body) -> SurgeryError:
+    with pytest.raises(SurgeryError) as e:
+        surgery.compile(HEAD.format(d=base_dir) + body).plan()
+    return e.value
+
+
+def test_uncompressed_layer_is_refused_at_plan_time(base_dir):
+    err = plan_error(base_dir, f"quantize {MLP} to int4\n"
+                               'compensate modules("model.layers.0.self_attn.q_proj") '
+                               "using svd(rank=4)\n")
+    d = err.diagnostics[0]
+    assert d.code == "E0401" and d.span.line == 4
+    assert "not compressed" in d.message and "model.layers.0.self_attn.q_proj" in d.message
+
+
+def test_rank_above_min_in_out_is_a_shape_error(base_dir):
+    err = plan_error(base_dir, f"quantize {MLP} to int4\n"
+                               f"compensate {MLP} using eora(rank=65, data=calib)\n")
+    d = err.diagnostics[0]
+    assert d.code == "E0402" and d.span.line == 4
+    assert "rank 65 exceeds min(in_features, out_features) = 64" in d.message
+
+
+def test_rank_pattern_missing_a_layer_is_a_shape_error(base_dir):
+    err = plan_error(base_dir, f"quantize {MLP} to int4\n"
+                               f'compensate {MLP} using svd(rank=[["**.up_proj", 4]])\n')
+    assert err.diagnostics[0].code == "E0402" and "no rank pattern matches" in str(err)
+
+
+def test_compensating_twice_and_compressing_after_are_order_errors(base_dir):
+    err = plan_error(base_dir, f"quantize {MLP} to int4\ncompensate {MLP} using svd(rank=4)\n"
+                               f"compensate {MLP} using svd(rank=4)\n")
+    assert err.diagnostics[0].code == "E0500" and "compensated at line 4" in str(err)
+    err = plan_error(base_dir, f"prune {MLP} to 50%\ncompensate {MLP} using svd(rank=4)\n"
+                               f"quantize {MLP} to int4\n")
+    assert err.diagnostics[0].code == "E0500" and "compensated at line 4" in str(err)
+
+
+def test_eora_without_data_is_a_check_error(base_dir):
+    with pytest.raises(SurgeryError, match="data"):
+        surgery.compile(HEAD.format(d=base_dir) + f"quantize {MLP} to int4\n"
+                        f"compensate {MLP} using eora(rank=4)\n").check()
+
+
+def test_a_model_that_cannot_be_reloaded_is_a_run_time_error(base_dir):
+    from surgery.models import LoadedModel
+
+    lm = load_model(f"hf:{base_dir}")
+    lm = LoadedModel(model=lm.model, source="python:LlamaForCausalLM", tokenizer=lm.tokenizer,
+                     config=lm.config)
+    with pytest.raises(SurgeryError) as e:
+        surgery.apply(lm, HEAD.format(d=base_dir) + f"quantize {MLP} to int4\n"
+                      f"compensate {MLP} using svd(rank=4)\n")
+    assert e.value.diagnostics[0].code == "E0801" and "cannot be reloaded" in str(e.value)
