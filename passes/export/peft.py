@@ -81,17 +81,24 @@ def _miss_files(layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch
     return config, tensors, []
 
 
+def _base_source(ctx: RunContext) -> str | None:
+    sources = list(ctx.model_sources.values())
+    return ctx.extras.get("base_source") or (sources[0] if len(sources) == 1 else None)
+
+
+def base_source_dir(ctx: RunContext) -> Path | None:
+    """The directory transformers loads the run's base model from (None if there is none)."""
+    from surgery.models import local_dir
+
+    source = _base_source(ctx)
+    return local_dir(source) if source is not None else None
+
+
 def _base_path(ctx: RunContext) -> str | None:
     """Where PEFT finds the base: the directory transformers loads (so that
     ``AutoPeftModelFor*.from_pretrained(DIR)`` works), else the source as written."""
-    from surgery.models import local_dir
-
-    sources = list(ctx.model_sources.values())
-    source = ctx.extras.get("base_source") or (sources[0] if len(sources) == 1 else None)
-    if source is None:
-        return None
-    d = local_dir(source)
-    return str(d) if d is not None else source
+    d = base_source_dir(ctx)
+    return str(d) if d is not None else _base_source(ctx)
 
 
 def _quantized_base_notes(model: nn.Module) -> list[str]:
