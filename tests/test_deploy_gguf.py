@@ -238,3 +238,19 @@ def _llama_logits_ctx(path, ids, n_ctx):
                           n_batch=n_ctx)
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def test_byte_only_bpe_without_merges_is_refused(tmp_path):
+    """The 256-token tiny tokenizer has no merges, and llama.cpp refuses a BPE without them."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config, tiny_tokenizer
+
+    d = tmp_path / "bytes"
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    with pytest.raises(SurgeryError) as e:
+        _export(d, tmp_path, "", "f32")
+    assert e.value.diagnostics[0].code == "E0812" and "merges" in e.value.diagnostics[0].message
+    assert not (tmp_path / "m.gguf").exists()

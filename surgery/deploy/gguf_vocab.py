@@ -84,7 +84,9 @@ def add_vocab(writer, directory: Path, n_vocab: int) -> dict[str, Any]:
     writer.add_token_types(types)
     special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=n_vocab)
     if not special.merges:
-        raise _refuse("tokenizer.json has no BPE merges")
+        # llama.cpp refuses a BPE vocabulary without merges, and GGUF has no empty array
+        raise _refuse("tokenizer.json has no BPE merges (a byte-only vocabulary), which "
+                      "llama.cpp cannot load")
     special.add_to_gguf(writer, quiet=True)
     return {"tokens": n_vocab, "pre": pre, "merges": len(special.merges),
             "special": dict(special.special_token_ids),
