@@ -254,3 +254,13 @@ def test_byte_only_bpe_without_merges_is_refused(tmp_path):
         _export(d, tmp_path, "", "f32")
     assert e.value.diagnostics[0].code == "E0812" and "merges" in e.value.diagnostics[0].message
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_k_quants_go_through_llama_cpps_quantizer(base, tmp_path):
+    res, out, rep = _export(base, tmp_path, "", "q4_k")
+    assert rep.metrics["requantized"] >= 14  # every block weight left f16 for a quantized type
+    assert "F16" not in {t for t, n in rep.metrics["types"].items() if n >= 14}
+    assert 0 < rep.metrics["max_rel_weight_error_requantized"] < 0.3
+    ids = _ids(base, 16)
+    ours, theirs = _ours(res.model, ids), _llama_logits(out, ids)
+    assert np.abs(ours - theirs).max() / np.abs(ours).max() < 0.2

@@ -5,7 +5,9 @@ quantized layers' codes where a GGML type means the same (int8 sym -> Q8_0, int4
 int4 asym -> Q4_1; groups a multiple of 32) and writes float layers as f16. Any other request
 requantises from the weights our model computes with, and the report gives the added relative
 weight error per kind of tensor. Embeddings and a float output head are f16 (f32/bf16 when that
-is the requested type), norms f32. surgery/deploy/gguf_file.py has the details and the refusals.
+is the requested type), norms f32. ``q4_k`` / ``q5_k`` / ``q6_k`` are llama.cpp's K-quant
+mixes (Q4_K_M, Q5_K_M, Q6_K), written by its own quantizer (llama-cpp-python) from an f16 file.
+surgery/deploy/gguf_file.py has the details and the refusals.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from surgery.registry import register
 
 class GGUFParams(PassParams):
     path: OutputPath = Field(description="output .gguf file (written atomically)")
-    type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] = "auto"
+    type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k",
+                  "q6_k"] = "auto"
 
 
 @register

@@ -40,11 +40,17 @@ WHY = {
 }
 
 
+# K-quant types: the `gguf` package cannot write them, llama.cpp's own quantizer does (from an f16
+# file written first); our type name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* name
+LLAMA_CPP_TYPES = {"q4_k": "Q4_K_M", "q5_k": "Q5_K_M", "q6_k": "Q6_K"}
+
+
 @dataclass
 class TensorRecord:
     name: str
     source: str  # our module path
     encoded: Encoded
+    reference: torch.Tensor | None = None  # kept only for llama.cpp's quantizer (error report)
 
 
 @dataclass
@@ -191,6 +197,10 @@ def write(model: nn.Module, path: str | Path, *, type: str = "auto", tokenizer=N
             if heads:
                 value = value.rows(_rope_rows(value.reference().shape[0], heads))
             is_block = name.startswith("blk.")
+            if type in LLAMA_CPP_TYPES:  # f16 now; llama.cpp quantizes the whole file below
+                enc = encode(value, "f16")
+                records.append(TensorRecord(name, ours, enc, value.reference()))
+                continue
             enc = encode(value, type if is_block or value.quantized else float_type)
         else:
             t = value.to(torch.float32)
@@ -232,9 +242,57 @@ def write(model: nn.Module, path: str | Path, *, type: str = "auto", tokenizer=N
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        if type in LLAMA_CPP_TYPES:
+            records = _llama_quantize(Path(tmp), LLAMA_CPP_TYPES[type], records)
         report.bytes = Path(tmp).stat().st_size
     report.tensors = records
     return report
+
+
+def _llama_quantize(path: Path, ftype: str, records: list[TensorRecord]) -> list[TensorRecord]:
+    """Quantize the f16 file at ``path`` in place with llama.cpp's quantizer (its K-quant mixes:
+    Q4_K_M keeps some tensors in Q6_K), then measure every weight's error from the file."""
+    import ctypes
+
+    import gguf
+    import numpy as np
+
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise PassError(f"K-quant types are written by llama.cpp's quantizer, and "
+                        f"llama-cpp-python is not importable ({e})", code="E0803",
+                        hint="pip install llama-cpp-python, or use type=q4_0 / q4_1 / q8_0") from e
+    src = path.with_name(path.name + ".f16")
+    path.rename(src)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = torch.get_num_threads()
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(),
+                                            ctypes.byref(params))
+    finally:
+        src.unlink()
+    if rc != 0:
+        raise PassError(f"llama.cpp's quantizer failed on the f16 file (return code {rc})")
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    out = []
+    for r in records:
+        t = by_name[r.name]
+        if r.reference is None:
+            out.append(r)
+            continue
+        back = torch.from_numpy(np.asarray(gguf.quants.dequantize(np.asarray(t.data),
+                                                                  t.tensor_type),
+                                           dtype=np.float32)).reshape(r.reference.shape)
+        err = back - r.reference
+        enc = Encoded(np.empty((0, 0)), t.tensor_type.name,
+                      "requantized" if t.tensor_type.name not in ("F16", "F32") else "float",
+                      float(err.norm()) / max(float(r.reference.norm()), 1e-30),
+                      float(err.abs().max()))
+        out.append(TensorRecord(r.name, r.source, enc))
+    return out
 
 
 def _expected_shapes(n_embd, n_head, n_kv, head_dim, n_vocab) -> dict[str, tuple]:
@@ -270,7 +328,8 @@ def _file_type(records: list[TensorRecord]) -> int:
              "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1"}
     counts: dict[str, int] = {}
     for r in records:
-        if r.name.startswith("blk.") and r.encoded.data.ndim == 2 and r.name.endswith(".weight"):
+        if r.name.startswith("blk.") and r.name.endswith(".weight") and \
+                r.encoded.data.ndim == 2:
             counts[r.encoded.ggml_type] = counts.get(r.encoded.ggml_type, 0) + 1
     top = max(counts, key=counts.get) if counts else "F32"
     return int(gguf.LlamaFileType[names[top]])
