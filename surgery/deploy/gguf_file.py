@@ -15,6 +15,7 @@ checkpoints went through on their way to transformers).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,8 +270,9 @@ def _llama_quantize(path: Path, ftype: str, records: list[TensorRecord]) -> list
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = torch.get_num_threads()
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(),
-                                            ctypes.byref(params))
+        with _c_stderr_silenced():  # the quantizer logs every tensor; passes never print
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(),
+                                                ctypes.byref(params))
     finally:
         src.unlink()
     if rc != 0:
@@ -293,6 +295,24 @@ def _llama_quantize(path: Path, ftype: str, records: list[TensorRecord]) -> list
                       float(err.abs().max()))
         out.append(TensorRecord(r.name, r.source, enc))
     return out
+
+
+@contextlib.contextmanager
+def _c_stderr_silenced():
+    """Point file descriptor 2 at /dev/null (C libraries write to it directly)."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _expected_shapes(n_embd, n_head, n_kv, head_dim, n_vocab) -> dict[str, tuple]:
