@@ -137,7 +137,7 @@ def part_gguf(tmp: Path, reps: int) -> None:
             ("int4 RTN g32 sym -> Q4_0 (codes carried)",
              f"quantize {BODY} to int4 using rtn(group=32, symmetric=true)", "auto"),
             ("int4 GPTQ g32 sym -> Q4_0 (codes carried)",
-             'data calib = corpus("pydoc", samples=32, seqlen=256)\n'
+             'data calib = corpus("pydoc", samples=16, seqlen=256)\n'
              f"quantize {BODY} to int4 using gptq(data=calib, group=32, symmetric=true)", "auto")]
     f16 = None
     for label, lines, typ in rows:

@@ -168,3 +168,64 @@ def test_encoder_padded_batch_matches_unpadded(tmp_path):
         ref = res.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
                         ).last_hidden_state.numpy()
     assert np.abs(h - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_kv_cache_graph(tmp_path):
+    """SmolLM2-135M: greedy 32 tokens from 3 prompts through ORT with the cache equal
+    transformers', and one decode step at a 512-token context is >= 10x faster with the cache
+    than the cacheless graph (docs/bench/deploy.md has the measured numbers)."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from surgery.backends.onnx import export_onnx
+    from surgery.backends.onnx.export import ort_session
+    from surgery.backends.onnx.generation import (CacheShape, decode_inputs,
+                                                  export_decoder_with_cache, ort_greedy)
+    from surgery.data import pydoc_text
+    from surgery.models import load_model, local_dir
+
+    model = load_model("zoo:smollm2-135m").model.eval()
+    shape = CacheShape.of(model)
+    export_decoder_with_cache(model, tmp_path / "kv.onnx")
+    export_onnx(model, tmp_path / "nokv.onnx", example=torch.randint(0, 1000, (2, 16)))
+    kv, nokv = ort_session(tmp_path / "kv.onnx", threads=1), ort_session(tmp_path / "nokv.onnx",
+                                                                         threads=1)
+    tok = AutoTokenizer.from_pretrained(local_dir("zoo:smollm2-135m"))
+    for prompt in ("The capital of France is", "def fibonacci(n):", "Once upon a time"):
+        p = tok(prompt)["input_ids"]
+        assert ort_greedy(kv, shape, p, 32) == _generate(model, p, 32), prompt
+    ids = np.asarray([tok(pydoc_text()[20000:40000])["input_ids"][:513]])
+    t0 = time.perf_counter()
+    nokv.run(None, {"input_ids": ids})
+    t_nokv = time.perf_counter() - t0
+    out = kv.run(None, {"input_ids": ids[:, :512], "attention_mask": np.ones((1, 512), np.int64),
+                        "position_ids": np.arange(512)[None], **decode_inputs(shape, 1, 0)})
+    step = {"input_ids": ids[:, 512:], "attention_mask": np.ones((1, 513), np.int64),
+            "position_ids": np.asarray([[512]]), **dict(zip(shape.names()[0], out[1:]))}
+    t0 = time.perf_counter()
+    kv.run(None, step)
+    t_kv = time.perf_counter() - t0
+    assert t_nokv / t_kv >= 10, (t_nokv, t_kv)
+
+
+@pytest.mark.slow
+def test_minilm_padded_batch_embeddings(tmp_path):
+    from transformers import AutoTokenizer
+
+    from surgery.backends.onnx.export import ort_session
+    from surgery.models import local_dir
+
+    surgery.apply(None, f'model enc = "zoo:minilm-l6"\nexport onnx "{tmp_path}/e.onnx"\n')
+    sess = ort_session(tmp_path / "e.onnx")
+    tok = AutoTokenizer.from_pretrained(local_dir("zoo:minilm-l6"))
+    texts = ["A cat.", "The quick brown fox jumps over the lazy dog near the river bank."]
+    batch = tok(texts, padding=True, return_tensors="np")
+    names = [i.name for i in sess.get_inputs()]
+    pooled = _mean_pool(sess.run(None, {n: batch[n].astype(np.int64) for n in names})[0],
+                        batch["attention_mask"])
+    for i, t in enumerate(texts):
+        one = tok([t], return_tensors="np")
+        a = sess.run(None, {n: one[n].astype(np.int64) for n in names})[0][0].mean(0)
+        assert a @ pooled[i] / np.linalg.norm(a) / np.linalg.norm(pooled[i]) >= 0.9999
