@@ -169,7 +169,11 @@ def _tensors(model: nn.Module, n_head: int, n_kv: int):
 
 def write(model: nn.Module, path: str | Path, *, type: str = "auto", tokenizer=None,
           tokenizer_source: Path | None = None) -> GGUFReport:
-    import gguf
+    try:
+        import gguf
+    except ImportError as e:
+        raise PassError(f"export gguf needs the `gguf` package ({e})", code="E0803",
+                        hint="pip install gguf (or surgery[hf])") from e
 
     from surgery.atomic import atomic_file
 
