@@ -47,10 +47,12 @@ def fp32(base, tmp_path_factory):
 
 
 def _generate(model, prompt, n):
+    """transformers' greedy tokens (it stops after EOS: compare ORT's first that many)."""
     with torch.no_grad():
-        g = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                           min_new_tokens=n)
-    return g[0, len(prompt):].tolist()
+        g = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    out = g[0, len(prompt):].tolist()
+    assert len(out) >= n // 2  # enough tokens for the comparison to mean something
+    return out
 
 
 def test_decoder_graph_has_the_optimum_interface(fp32):
@@ -78,8 +80,8 @@ def test_ort_greedy_with_cache_equals_transformers(fp32):
     res, _, out = fp32
     sess = ort_session(out / "model.onnx")
     for prompt in ([5, 17, 99, 3], [200, 1, 1, 7, 42, 8, 9]):
-        assert ort_greedy(sess, CacheShape.of(res.model), prompt, 16) == \
-            _generate(res.model, prompt, 16)
+        ref = _generate(res.model, prompt, 16)
+        assert ort_greedy(sess, CacheShape.of(res.model), prompt, 16)[:len(ref)] == ref
 
 
 def test_left_padded_batch_with_cache_matches_unpadded(fp32):
@@ -114,8 +116,8 @@ def test_quantized_decoder_with_cache(base, tmp_path, opts):
     assert ops.get("com.microsoft::MatMulNBits", 0) == 14 or ops.get("DequantizeLinear", 0) >= 14
     sess = ort_session(tmp_path / "model.onnx")
     prompt = [5, 17, 99, 3]
-    assert ort_greedy(sess, CacheShape.of(res.model), prompt, 12) == \
-        _generate(res.model, prompt, 12)
+    ref = _generate(res.model, prompt, 12)
+    assert ort_greedy(sess, CacheShape.of(res.model), prompt, 12)[:len(ref)] == ref
 
 
 def test_kv_cache_on_an_encoder_is_refused(tmp_path):
@@ -195,7 +197,8 @@ def test_smollm2_kv_cache_graph(tmp_path):
     tok = AutoTokenizer.from_pretrained(local_dir("zoo:smollm2-135m"))
     for prompt in ("The capital of France is", "def fibonacci(n):", "Once upon a time"):
         p = tok(prompt)["input_ids"]
-        assert ort_greedy(kv, shape, p, 32) == _generate(model, p, 32), prompt
+        ref = _generate(model, p, 32)
+        assert ort_greedy(kv, shape, p, 32)[:len(ref)] == ref, prompt
     ids = np.asarray([tok(pydoc_text()[20000:40000])["input_ids"][:513]])
     t0 = time.perf_counter()
     nokv.run(None, {"input_ids": ids})
