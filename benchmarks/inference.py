@@ -13,7 +13,8 @@ fp32; bf16 (the same model cast); ours int8 / int4 g64 / g128 (RTN, ``QuantLinea
 to bf16 so the packed kernels run; ``int4g64_fp32`` keeps fp32 activations); torchao int8 and
 int4 weight-only (its own quantisation of the same bf16 weights: ``Int8WeightOnlyConfig``,
 ``PrototypeInt4WeightOnlyConfig``, the tinygemm CPU layout); ONNX Runtime int4 MatMulNBits (our
-export, which has no KV cache: its "decode" is one forward of prompt + 1 tokens); llama.cpp
+export without a KV cache: its "decode" is one forward of prompt + 1 tokens; ``ortkv4``: the
+``export onnx(kv_cache=true)`` graph, a real decode loop feeding present back as past); llama.cpp
 Q8_0 / Q4_0 (only if ``llama_cpp`` imports, else the reason is printed; SmolLM2 only: its zoo
 package ships the GGUF our fp32 model was converted from, requantised here with
 ``llama_model_quantize``; llama.cpp also quantises the tied embedding / output matrix).
@@ -38,12 +39,13 @@ import torch
 import torch.nn as nn
 
 ALL_ROWS = ["fp32", "bf16", "int8", "int4g64", "int4g128", "int4g64_fp32", "ao8", "ao4g64",
-            "ao4g128", "ort4", "q8_0", "q4_0"]
+            "ao4g128", "ort4", "ortkv4", "q8_0", "q4_0"]
 LABELS = {"fp32": "fp32", "bf16": "bf16", "int8": "ours int8 (bf16 act.)",
           "int4g64": "ours int4 g64 (bf16 act.)", "int4g128": "ours int4 g128 (bf16 act.)",
           "int4g64_fp32": "ours int4 g64 (fp32 act.)", "ao8": "torchao int8 weight-only",
           "ao4g64": "torchao int4 g64 weight-only", "ao4g128": "torchao int4 g128 weight-only",
           "ort4": "ONNX Runtime int4 g64 MatMulNBits (no KV cache)",
+          "ortkv4": "ONNX Runtime int4 g64 MatMulNBits with KV cache",
           "q8_0": "llama.cpp Q8_0", "q4_0": "llama.cpp Q4_0"}
 BENCH_DIR = Path.home() / ".cache" / "surgery" / "bench"
 
@@ -185,6 +187,51 @@ class OrtRunner:
         return (time.perf_counter() - t0) * 1e3
 
 
+class OrtKVRunner:
+    """Our KV-cache ONNX export: prompt in one step, then one token per step with the cache."""
+
+    def __init__(self, model: nn.Module, tmp: str):
+        from surgery.backends.onnx import ort_session
+        from surgery.backends.onnx.generation import CacheShape, export_decoder_with_cache
+
+        path = Path(tmp) / "model-kv.onnx"
+        export_decoder_with_cache(model, path, int4="matmulnbits")
+        self.shape = CacheShape.of(model)
+        self.sess = ort_session(path, threads=torch.get_num_threads())
+
+    def _step(self, ids, past, start: int):
+        import numpy as np
+
+        n = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, start + n), np.int64),
+                "position_ids": np.arange(start, start + n, dtype=np.int64)[None], **past}
+        out = self.sess.run(None, feed)
+        return out[0], dict(zip(self.shape.names()[0], out[1:]))
+
+    def decode(self, prompt: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
+        import numpy as np
+
+        from surgery.backends.onnx.generation import decode_inputs
+
+        t0 = time.perf_counter()
+        logits, past = self._step(prompt.numpy(), decode_inputs(self.shape, 1, 0), 0)
+        t1 = time.perf_counter()
+        toks, pos = [], prompt.shape[1]
+        for _ in range(steps):
+            toks.append(int(logits[0, -1].argmax()))
+            logits, past = self._step(np.asarray([[toks[-1]]], np.int64), past, pos)
+            pos += 1
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / steps, toks
+
+    def prefill(self, ids: torch.Tensor) -> float:
+        from surgery.backends.onnx.generation import decode_inputs
+
+        t0 = time.perf_counter()
+        self._step(ids.numpy(), decode_inputs(self.shape, 1, 0), 0)
+        return (time.perf_counter() - t0) * 1e3
+
+
 class LlamaCppRunner:
     """llama.cpp through llama-cpp-python, on the same token ids."""
 
@@ -269,7 +316,7 @@ def build(key: str, src: Sources, example: torch.Tensor, tmp: str, model_name: s
     """(runner, None) or (None, the reason this row is not measured)."""
     base = src.fp32
     group = {"int4g64": 64, "int4g128": 128, "int4g64_fp32": 64, "ao4g64": 64, "ao4g128": 128,
-             "ort4": 64}.get(key)
+             "ort4": 64, "ortkv4": 64}.get(key)
     if group and (why := group_fits(base, group)):
         return None, why
     if key == "fp32":
@@ -291,6 +338,8 @@ def build(key: str, src: Sources, example: torch.Tensor, tmp: str, model_name: s
                                                    group))), None
     if key == "ort4":
         return OrtRunner(ours(base, "int4", 64, torch.float32), example, tmp), None
+    if key == "ortkv4":
+        return OrtKVRunner(ours(base, "int4", 64, torch.float32), tmp), None
     if key in ("q8_0", "q4_0"):
         try:
             import llama_cpp  # noqa: F401

@@ -203,6 +203,11 @@ class Code(str, enum.Enum):
     E0803 = "E0803"
     E0804 = "E0804"
     E0805 = "E0805"
+    # deployable outputs (export gguf, export onnx with a KV cache)
+    E0810 = "E0810"
+    E0811 = "E0811"
+    E0812 = "E0812"
+    E0813 = "E0813"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -260,6 +265,10 @@ TITLES: dict[Code, str] = {
     Code.E0803: "backend unavailable",
     Code.E0804: "output locked by another run",
     Code.E0805: "not enough disk space for the output",
+    Code.E0810: "the export format cannot represent a module of the model",
+    Code.E0811: "architecture not supported by this export",
+    Code.E0812: "tokenizer cannot be written to GGUF",
+    Code.E0813: "model cannot be exported with a KV cache",
 }
 
 # Kept for callers that want code -> title as plain strings.

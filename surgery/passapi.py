@@ -154,14 +154,17 @@ class PassError(Exception):
     """Raised by a pass for a problem the user caused (bad shapes, missing data ...).
 
     ``module`` names the offending module path (if any) and ``hint`` becomes the help line. The
-    compiler attaches the statement's location.
+    compiler attaches the statement's location. ``code`` is the diagnostic code (default E0801,
+    "pass failed") for a failure with its own explanation in docs/errors.
     """
 
-    def __init__(self, message: str, *, module: str | None = None, hint: str | None = None):
+    def __init__(self, message: str, *, module: str | None = None, hint: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.message = message
         self.module = module
         self.hint = hint
+        self.code = code
 
 
 class Granularity(str, enum.Enum):

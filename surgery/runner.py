@@ -180,7 +180,8 @@ class Runner:
             result = pass_obj.run(ctx, targets)
         except PassError as e:
             where = f" (module `{e.module}`)" if e.module else ""
-            raise SurgeryError(Diagnostic("E0801", f"{step.verb} using {step.method} failed"
+            code = e.code or "E0801"  # a pass may name a more specific code
+            raise SurgeryError(Diagnostic(code, f"{step.verb} using {step.method} failed"
                                           f"{where}: {e.message}", step.stmt.span, help=e.hint,
                                           source=self.program.source))
         report.steps.append(StepRecord(step.line, row.text, step.verb, step.method,

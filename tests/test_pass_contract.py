@@ -29,6 +29,7 @@ GRANULARITY = {
     "merge/pleas": "model", "merge/weight_matching": "model",
     "export/onnx": "model", "export/peft": "tensor", "save/surgery": "tensor",
     "compensate/eora": "block", "compensate/svd": "tensor",
+    "export/gguf": "tensor",
 }
 
 
@@ -183,7 +184,9 @@ APPLY = USE | {
 }
 
 
-@pytest.mark.parametrize("key", [k for k in KEYS if k != "lower/triton"])
+# export gguf: the contract models' byte-only tokenizer has no BPE merges, which llama.cpp
+# cannot load (E0812); tests/test_deploy_gguf.py runs it on a tiny LLaMA whose tokenizer has.
+@pytest.mark.parametrize("key", [k for k in KEYS if k not in ("lower/triton", "export/gguf")])
 def test_postconditions_hold_after_apply(key, dirs, tmp_path):
     """`Pass.run` checks the generic postcondition (and the pass's own); here the produced state
     is also checked independently on the model the run returns."""

@@ -4,10 +4,17 @@ LoRA layers become a `LORA` adapter (per-layer ranks and scalings as rank_patter
 as EVA needs); Bone layers become PEFT's `MISS` adapter (Bone's successor; Bone was removed from
 PEFT in 0.19). `peft.PeftModel.from_pretrained(base, DIR)` on the original base model reproduces
 our outputs. The directory is written atomically.
+
+``base_model_name_or_path`` is the directory transformers loads the base from, so that
+``AutoPeftModelForCausalLM.from_pretrained(DIR)`` works alone. Adapters trained on a quantized
+base (QLoRA-style) would be wrong on the float base: the quantized base (adapters removed) is
+written to ``DIR/base`` in the compressed-tensors layout of `save` (transformers dequantizes it
+to our exact weights), and the config names that directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import Counter
@@ -81,28 +88,71 @@ def _miss_files(layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch
     return config, tensors, []
 
 
+def _base_source(ctx: RunContext) -> str | None:
+    sources = list(ctx.model_sources.values())
+    return ctx.extras.get("base_source") or (sources[0] if len(sources) == 1 else None)
+
+
+def base_source_dir(ctx: RunContext) -> Path | None:
+    """The directory transformers loads the run's base model from (None if there is none)."""
+    from surgery.models import local_dir
+
+    source = _base_source(ctx)
+    return local_dir(source) if source is not None else None
+
+
 def _base_path(ctx: RunContext) -> str | None:
     """Where PEFT finds the base: the directory transformers loads (so that
     ``AutoPeftModelFor*.from_pretrained(DIR)`` works), else the source as written."""
-    from surgery.models import local_dir
-
-    sources = list(ctx.model_sources.values())
-    source = ctx.extras.get("base_source") or (sources[0] if len(sources) == 1 else None)
-    if source is None:
-        return None
-    d = local_dir(source)
-    return str(d) if d is not None else source
+    d = base_source_dir(ctx)
+    return str(d) if d is not None else _base_source(ctx)
 
 
-def _quantized_base_notes(model: nn.Module) -> list[str]:
+BASE_DIR = "base"  # the quantized base, written beside the adapter
+
+
+def _quantized_layers(model: nn.Module) -> int:
     from surgery.passes.quantize.qlinear import QuantLinear
 
-    n = sum(isinstance(m, QuantLinear) for m in model.modules())
-    if not n:
-        return []
-    return [f"the adapters sit on a base with {n} quantized layers, but "
-            "base_model_name_or_path names the float base: PEFT will apply them to float "
-            "weights, and its outputs will differ from ours"]
+    return sum(isinstance(m, QuantLinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _without_adapters(model: nn.Module, layers: dict[str, nn.Module]):
+    """The model with every adapter wrapper replaced by the layer it wraps (restored after)."""
+    from surgery.passapi import replace_module
+
+    try:
+        for path, m in layers.items():
+            replace_module(model, path, m.base_layer)
+        yield model
+    finally:
+        for path, m in layers.items():
+            replace_module(model, path, m)
+
+
+def _write_quantized_base(model: nn.Module, layers: dict[str, nn.Module], directory: Path,
+                          tokenizer_source: Path | None) -> tuple[str | None, list[str]]:
+    """Write the quantized base (adapters removed) as a compressed-tensors directory, which
+    transformers loads with the base's exact dequantized weights; returns its layout's refusal
+    reasons instead when it has no such form."""
+    from surgery import emit, registry
+    from surgery.deploy import hf_dir
+
+    with _without_adapters(model, layers):
+        tensors, _ = emit.split_aliases(model)
+        modules = registry.surgery_modules(model)
+        view = hf_dir.view(model, tensors, modules)
+        if view.layout == "surgery-only" or not hasattr(model, "config"):
+            return None, sorted(view.refusals.values())[:1]
+        directory.mkdir()
+        record = hf_dir.write(directory, model, tensors, modules)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(directory))
+    if tokenizer_source is not None and tokenizer_source.is_dir():
+        copy_tokenizer(tokenizer_source, directory)
+    return record["layout"], []
 
 
 class PeftExportParams(PassParams):
@@ -142,13 +192,26 @@ class PeftExport(ModelPass):
             "task_type": _task_type(ctx.model), "inference_mode": True, "revision": None,
             "modules_to_save": None, "base_model_name_or_path": base,
         })
-        notes += _quantized_base_notes(ctx.model)
+        quantized = _quantized_layers(ctx.model)
         try:
             import peft
             config["peft_version"] = peft.__version__
         except ImportError:  # the files do not need PEFT to be written
             pass
+        final = Path(self.params.path).resolve()
         with atomic_dir(self.params.path) as tmp:
+            if quantized:  # PEFT must apply the adapters to the base they were trained on
+                layout, why = _write_quantized_base(ctx.model, layers, tmp / BASE_DIR,
+                                                    base_source_dir(ctx))
+                if layout is not None:
+                    config["base_model_name_or_path"] = str(final / BASE_DIR)
+                    notes.append(f"the base has {quantized} quantized layers: written to "
+                                 f"{BASE_DIR}/ ({layout}), and base_model_name_or_path names it")
+                else:
+                    notes.append(f"the adapters sit on a base with {quantized} quantized "
+                                 f"layers that has no transformers form ({why[0]}); "
+                                 "base_model_name_or_path names the float base, so PEFT's "
+                                 "outputs will differ from ours")
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             if base is not None and Path(base).is_dir():  # the base's tokenizer and template
