@@ -27,6 +27,7 @@ class SearchParams(PassParams):
     seed: int | None = None  # None: the script's seed
     checkpoint: str | None = None  # a JSON file: written every generation, resumed from
     batch_size: int = 8  # calibration sequences per forward (database, statistics)
+    database: str | None = None  # keep the level database in this directory and reuse it
 
     @field_validator("generations")
     @classmethod
@@ -120,3 +121,19 @@ def linear_loader(model: nn.Module, paths: list[str], fetch: Callable[[str, int]
 
 def level_list(values: list[Any]) -> str:
     return ", ".join(str(v) for v in values)
+
+
+def database_key(paths: list[str], values: list[float], method: Any, calib: torch.Tensor,
+                 model: nn.Module) -> str:
+    """What a kept database must match to be reused: the layers, levels, nested method, the
+    calibration tokens and the weights (a checksum of each layer's weight)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(calib.numpy().tobytes())
+    for p in paths:
+        w = model.get_submodule(p).weight.detach()
+        h.update(f"{p}:{float(w.double().sum()):.10e}:{float(w.double().abs().sum()):.10e}"
+                 .encode())
+    call = method if isinstance(method, str) else [method.name, sorted(method.kwargs.items())]
+    return json.dumps([values, str(call), h.hexdigest()])

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator
 
 from surgery.passapi import CallValue, Granularity, Percent, StepReport
 from surgery.passes.calib import calibrate_sequential
@@ -17,7 +17,7 @@ from surgery.registry import register
 
 from . import variants
 from .budget import BudgetProblem, check_budget
-from .common import SearchParams, fill_report, linear_loader, search
+from .common import SearchParams, database_key, fill_report, linear_loader, search
 from .database import VariantDB
 from .search import average, initial_state
 
@@ -26,8 +26,8 @@ DEFAULT_PRUNE_LEVELS = [Percent(value=10.0 * i) for i in range(10)]
 
 class EvoPruneParams(SearchParams):
     sparsity: Percent | Any  # filled by `to P%`: the average
-    levels: list[Percent] = DEFAULT_PRUNE_LEVELS
-    method: CallValue | str = "sparsegpt"
+    levels: list[Percent] = Field(DEFAULT_PRUNE_LEVELS, validate_default=True)
+    method: CallValue | str = Field("sparsegpt", validate_default=True)
 
     @field_validator("sparsity")
     @classmethod
@@ -38,28 +38,26 @@ class EvoPruneParams(SearchParams):
 
     @field_validator("levels", mode="before")
     @classmethod
-    def _levels(cls, v):
+    def _levels(cls, v, info):
         if not isinstance(v, list) or not v or not all(isinstance(x, Percent) for x in v):
             raise ValueError("levels must be a list of percentages such as [0%, 10%, 20%]")
         if any(not 0 <= x.value < 100 for x in v):
             raise ValueError("each level must be in [0%, 100%)")
         if len({x.value for x in v}) != len(v):
             raise ValueError("levels must not repeat")
-        return sorted(v, key=lambda x: x.value)
+        v = sorted(v, key=lambda x: x.value)
+        avg = info.data.get("sparsity")
+        if isinstance(avg, Percent) and not v[0].value <= avg.value <= v[-1].value:
+            raise ValueError(f"infeasible budget: an average of {avg} cannot be made from "
+                             f"levels {v[0]}..{v[-1]}")
+        return v
 
     @field_validator("method", mode="before")
     @classmethod
-    def _method(cls, v):
-        return variants.as_call(v)
-
-    @model_validator(mode="after")
-    def _feasible(self):
-        lo, hi = self.levels[0].value, self.levels[-1].value
-        if not lo <= self.sparsity.value <= hi:
-            raise ValueError(f"infeasible budget: an average of {self.sparsity} cannot be made "
-                             f"from levels {lo:g}%..{hi:g}%")
-        variants.inner_params("prune", self.method, self.data)
-        return self
+    def _method(cls, v, info):
+        v = variants.as_call(v)
+        variants.inner_params("prune", v, info.data.get("data"))
+        return v
 
 
 @register
@@ -81,7 +79,8 @@ class EvoPressPrune(PrunePass):
         paths = list(modules)
         values = self.values()
         sizes = [modules[q].weight.numel() for q in paths]
-        db = VariantDB()
+        calib = ctx.dataset(p.data).calibration
+        db = VariantDB(p.database, database_key(paths, values, p.method, calib, ctx.model))
         t0 = time.perf_counter()
         try:
             def transform(mods, stats):  # every level of every layer; the model stays dense
@@ -94,9 +93,13 @@ class EvoPressPrune(PrunePass):
                                variants.output_error(W, Wn, stats[path]))
                 return None
 
-            calibrate_sequential(ctx.model, ctx.dataset(p.data).calibration, modules, transform,
-                                 progress=ctx.progress, batch_size=p.batch_size, gram=True,
-                                 label="evopress: level database")
+            if db.reusable():
+                report.notes.append(f"level database reused from {p.database}")
+            else:
+                calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
+                                     batch_size=p.batch_size, gram=True,
+                                     label="evopress: level database")
+                db.finish()
             report.metrics["database_seconds"] = round(time.perf_counter() - t0, 3)
             report.metrics["database_bytes"] = db.bytes_on_disk()
             start = initial_state(sizes, values, p.sparsity.value)

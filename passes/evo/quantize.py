@@ -8,7 +8,7 @@ import re
 import time
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator
 
 from surgery.passapi import CallValue, Granularity, PassError, PassResult, StepReport, replace_module
 from surgery.passes.calib import calibrate_sequential
@@ -18,7 +18,7 @@ from surgery.registry import register
 
 from . import variants
 from .budget import BudgetProblem, check_budget
-from .common import SearchParams, fill_report, linear_loader, search
+from .common import SearchParams, database_key, fill_report, linear_loader, search
 from .database import VariantDB
 from .search import average, initial_state
 
@@ -35,8 +35,8 @@ def supported_bits(bits: int) -> bool:
 
 class EvoQuantParams(SearchParams):
     format: str  # filled by `to intN`: the average bit width
-    levels: list[int] = [2, 3, 4, 8]
-    method: CallValue | str = "gptq"
+    levels: list[int] = Field([2, 3, 4, 8], validate_default=True)
+    method: CallValue | str = Field("gptq", validate_default=True)
 
     @field_validator("format")
     @classmethod
@@ -47,7 +47,7 @@ class EvoQuantParams(SearchParams):
 
     @field_validator("levels", mode="before")
     @classmethod
-    def _levels(cls, v):
+    def _levels(cls, v, info):
         if not isinstance(v, list) or not v or not all(isinstance(x, int) and
                                                        not isinstance(x, bool) for x in v):
             raise ValueError("levels must be a list of bit widths such as [2, 3, 4, 8]")
@@ -60,20 +60,18 @@ class EvoQuantParams(SearchParams):
         if missing:
             raise ValueError(f"int{missing[0]} is not a storage format of this build "
                              "(QuantLinear holds int4 and int8 here)")
+        fmt = info.data.get("format")
+        if fmt and not min(v) <= int(fmt[3:]) <= max(v):
+            raise ValueError(f"infeasible budget: an average of {fmt[3:]} bits cannot be made "
+                             f"from levels {sorted(v)}")
         return sorted(v)
 
     @field_validator("method", mode="before")
     @classmethod
-    def _method(cls, v):
-        return variants.as_call(v)
-
-    @model_validator(mode="after")
-    def _feasible(self):
-        if not self.levels[0] <= self.bits <= self.levels[-1]:
-            raise ValueError(f"infeasible budget: an average of {self.bits} bits cannot be made "
-                             f"from levels {self.levels}")
-        variants.inner_params("quantize", self.method, self.data)
-        return self
+    def _method(cls, v, info):
+        v = variants.as_call(v)
+        variants.inner_params("quantize", v, info.data.get("data"))
+        return v
 
     @property
     def bits(self) -> int:
@@ -125,7 +123,8 @@ class EvoPressQuantize(QuantizePass):
         values = [float(b) for b in p.levels]
         sizes = [modules[q].weight.numel() for q in paths]
         report = StepReport(modules=len(paths), parameters=sum(sizes))
-        db = VariantDB()
+        calib = ctx.dataset(p.data).calibration
+        db = VariantDB(p.database, database_key(paths, values, p.method, calib, ctx.model))
         t0 = time.perf_counter()
         before = sum(float_bytes(m) for m in modules.values())
         try:
@@ -143,9 +142,13 @@ class EvoPressQuantize(QuantizePass):
                                variants.output_error(W, Wq, stats[path]))
                 return None
 
-            calibrate_sequential(ctx.model, ctx.dataset(p.data).calibration, modules, transform,
-                                 progress=ctx.progress, batch_size=p.batch_size, gram=True,
-                                 label="evopress: level database")
+            if db.reusable():
+                report.notes.append(f"level database reused from {p.database}")
+            else:
+                calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
+                                     batch_size=p.batch_size, gram=True,
+                                     label="evopress: level database")
+                db.finish()
             report.metrics["database_seconds"] = round(time.perf_counter() - t0, 3)
             report.metrics["database_bytes"] = db.bytes_on_disk()
             start = initial_state(sizes, values, p.bits)
