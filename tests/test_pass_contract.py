@@ -28,6 +28,8 @@ GRANULARITY = {
     "merge/dare_ties": "tensor", "merge/dare_linear": "tensor",
     "merge/pleas": "model", "merge/weight_matching": "model",
     "export/onnx": "model", "export/peft": "tensor", "save/surgery": "tensor",
+    "prune/evopress": "model", "quantize/evopress": "model", "prune/owl": "block",
+    "drop/cosine": "model", "drop/evopress": "model",
 }
 
 
@@ -101,6 +103,7 @@ MAKE = {
     State.LOWERED: 'lower softmax to triton in modules("**.self_attn")',
     State.MERGED: "merge a, b using linear()",
 }
+_FAST_SEARCH = "generations=1, offspring=1, survivors=[1, 1], tokens=[8, 16], fitness_samples=2"
 # The statement of each pass on those modules.
 USE = {
     "quantize/rtn": 'quantize modules("**.q_proj") to int8',
@@ -123,6 +126,11 @@ USE = {
     "merge/widen": "merge a, b into a using widen()",
     "merge/pleas": "merge a, b using pleas(data=calib)",
     "merge/weight_matching": "merge a, b using weight_matching()",
+    "prune/evopress": 'prune modules("**.q_proj") to 50% using evopress(levels=[40%, 60%], '
+                      f"method=wanda, data=calib, {_FAST_SEARCH})",
+    "quantize/evopress": 'quantize modules("**.q_proj") to int6 using evopress(levels=[4, 8], '
+                         f"method=rtn(group=32), data=calib, {_FAST_SEARCH})",
+    "prune/owl": 'prune modules("**.q_proj") to 50% using owl(method=wanda, data=calib)',
 }
 # `merge adapters` needs the adapter on top of the refused state.
 BEFORE_USE = {"merge/adapters": MAKE[State.ADAPTED]}
@@ -174,6 +182,9 @@ APPLY = USE | {
     "export/onnx": 'export onnx "{out}/m.onnx"',
     "export/peft": 'adapt modules("**.q_proj") with lora(r=4)\nexport peft "{out}/peft"',
     "save/surgery": 'save "{out}/saved"',
+    "drop/cosine": 'drop 1 of modules("model.layers.*") using cosine(data=calib)',
+    "drop/evopress": 'drop 1 of modules("model.layers.*") using evopress(data=calib, '
+                     + _FAST_SEARCH + ")",
 }
 
 
