@@ -59,16 +59,27 @@ class SearchParams(PassParams):
                             self.seed if self.seed is not None else ctx_seed)
 
 
-def search(ctx: RunContext, params: SearchParams, start: list[int], sizes: list[int],
-           values: list[float], load: Callable[[list[int]], None], label: str) -> SearchResult:
-    """Record the dense targets, then evolve ``start`` (``load`` installs a state)."""
-    ds = ctx.dataset(params.data)
-    pool = ds.calibration[:params.fitness_samples]
+def dense_targets(ctx: RunContext, params: SearchParams) -> KLFitness:
+    """The fitness, with the dense model's distributions recorded (call before any change)."""
+    pool = ctx.dataset(params.data).calibration[:params.fitness_samples]
     kl = KLFitness(ctx.model, pool)
     was = ctx.model.training
     ctx.model.eval()
     try:
         kl.record_dense()
+    finally:
+        ctx.model.train(was)
+    return kl
+
+
+def search(ctx: RunContext, params: SearchParams, kl: KLFitness, start: list[int],
+           sizes: list[int], values: list[float], load: Callable[[list[int]], None],
+           label: str) -> SearchResult:
+    """Evolve ``start`` (``load`` installs a state) under the KL fitness ``kl``."""
+    pool = kl.pool
+    was = ctx.model.training
+    ctx.model.eval()
+    try:
         cfg = params.search_config(ctx.seed)
         ckpt = Path(params.checkpoint) if params.checkpoint else None
         with ctx.progress.task(f"{label}: evolutionary search", total=cfg.generations) as task:
@@ -124,7 +135,7 @@ def level_list(values: list[Any]) -> str:
 
 
 def database_key(paths: list[str], values: list[float], method: Any, calib: torch.Tensor,
-                 model: nn.Module) -> str:
+                 model: nn.Module, start: list[int]) -> str:
     """What a kept database must match to be reused: the layers, levels, nested method, the
     calibration tokens and the weights (a checksum of each layer's weight)."""
     import hashlib
@@ -136,4 +147,14 @@ def database_key(paths: list[str], values: list[float], method: Any, calib: torc
         h.update(f"{p}:{float(w.double().sum()):.10e}:{float(w.double().abs().sum()):.10e}"
                  .encode())
     call = method if isinstance(method, str) else [method.name, sorted(method.kwargs.items())]
-    return json.dumps([values, str(call), h.hexdigest()])
+    return json.dumps([values, str(call), list(start), h.hexdigest()])
+
+
+@torch.no_grad()
+def start_level(mods: dict[str, nn.Module], db, level_of: dict[str, int]) -> None:
+    """While the database is built, leave each finished layer at its start level, so the next
+    blocks are calibrated on the inputs the start point gives them: when the budget is a level,
+    the start (uniform) is then exactly the method's own layer-sequential result, and the search
+    begins from that baseline."""
+    for path, mod in mods.items():
+        mod.weight.copy_(db.get(path, level_of[path])["weight"].to(mod.weight.dtype))

@@ -26,7 +26,7 @@ from surgery.passapi import (DataRef, Granularity, ModulePass, PassParams, PassR
 from surgery.evaluate import logits_of
 from surgery.registry import register
 
-from .common import SearchParams, fill_report, search
+from .common import SearchParams, dense_targets, fill_report, search
 
 
 class TooManyBlocks(Problem):
@@ -157,7 +157,8 @@ class EvoPressDrop(DropPass):
         _install(ctx.model, cont, blocks, reindex=False)
         sizes = [sum(q.numel() for q in blocks[i].parameters()) for i in selected]
         try:
-            result = search(ctx, p, start, sizes, [0.0, 1.0], load, "evopress drop")
+            kl = dense_targets(ctx, p)
+            result = search(ctx, p, kl, start, sizes, [0.0, 1.0], load, "evopress drop")
         finally:
             _install(ctx.model, cont, blocks, reindex=False)
         names = [f"{cont}.{i}" for i in selected]

@@ -17,7 +17,8 @@ from surgery.registry import register
 
 from . import variants
 from .budget import BudgetProblem, check_budget
-from .common import SearchParams, database_key, fill_report, linear_loader, search
+from .common import (SearchParams, database_key, dense_targets, fill_report, linear_loader,
+                     search, start_level)
 from .database import VariantDB
 from .search import average, initial_state
 
@@ -80,10 +81,14 @@ class EvoPressPrune(PrunePass):
         values = self.values()
         sizes = [modules[q].weight.numel() for q in paths]
         calib = ctx.dataset(p.data).calibration
-        db = VariantDB(p.database, database_key(paths, values, p.method, calib, ctx.model))
+        kl = dense_targets(ctx, p)  # before the database changes any weight
+        start = initial_state(sizes, values, p.sparsity.value)
+        level_of = dict(zip(paths, start))
+        db = VariantDB(p.database, database_key(paths, values, p.method, calib, ctx.model,
+                                                start))
         t0 = time.perf_counter()
         try:
-            def transform(mods, stats):  # every level of every layer; the model stays dense
+            def transform(mods, stats):  # every level of every layer (see start_level)
                 for path, mod in mods.items():
                     W = mod.weight.detach()
                     for li, v in enumerate(values):
@@ -91,7 +96,7 @@ class EvoPressPrune(PrunePass):
                                                           v / 100)
                         db.put(path, li, {"weight": Wn.to(W.dtype), "keep": keep},
                                variants.output_error(W, Wn, stats[path]))
-                return None
+                start_level(mods, db, level_of)
 
             if db.reusable():
                 report.notes.append(f"level database reused from {p.database}")
@@ -102,9 +107,8 @@ class EvoPressPrune(PrunePass):
                 db.finish()
             report.metrics["database_seconds"] = round(time.perf_counter() - t0, 3)
             report.metrics["database_bytes"] = db.bytes_on_disk()
-            start = initial_state(sizes, values, p.sparsity.value)
             load = linear_loader(ctx.model, paths, lambda q, lv: db.get(q, lv)["weight"])
-            result = search(ctx, p, start, sizes, values, load, "evopress prune")
+            result = search(ctx, p, kl, start, sizes, values, load, "evopress prune")
             for path, lv in zip(paths, result.state):
                 got = db.get(path, lv)
                 self.install(ctx, path, got["keep"], weight=got["weight"], report=report)

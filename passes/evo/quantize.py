@@ -18,7 +18,8 @@ from surgery.registry import register
 
 from . import variants
 from .budget import BudgetProblem, check_budget
-from .common import SearchParams, database_key, fill_report, linear_loader, search
+from .common import (SearchParams, database_key, dense_targets, fill_report, linear_loader,
+                     search, start_level)
 from .database import VariantDB
 from .search import average, initial_state
 
@@ -124,7 +125,11 @@ class EvoPressQuantize(QuantizePass):
         sizes = [modules[q].weight.numel() for q in paths]
         report = StepReport(modules=len(paths), parameters=sum(sizes))
         calib = ctx.dataset(p.data).calibration
-        db = VariantDB(p.database, database_key(paths, values, p.method, calib, ctx.model))
+        kl = dense_targets(ctx, p)  # before the database changes any weight
+        start = initial_state(sizes, values, p.bits)
+        level_of = dict(zip(paths, start))
+        db = VariantDB(p.database, database_key(paths, values, p.method, calib, ctx.model,
+                                                start))
         t0 = time.perf_counter()
         before = sum(float_bytes(m) for m in modules.values())
         try:
@@ -140,7 +145,7 @@ class EvoPressQuantize(QuantizePass):
                         Wq = q.dequantized_weight()
                         db.put(path, li, {"weight": Wq.to(W.dtype), "module": q},
                                variants.output_error(W, Wq, stats[path]))
-                return None
+                start_level(mods, db, level_of)
 
             if db.reusable():
                 report.notes.append(f"level database reused from {p.database}")
@@ -151,9 +156,8 @@ class EvoPressQuantize(QuantizePass):
                 db.finish()
             report.metrics["database_seconds"] = round(time.perf_counter() - t0, 3)
             report.metrics["database_bytes"] = db.bytes_on_disk()
-            start = initial_state(sizes, values, p.bits)
             load = linear_loader(ctx.model, paths, lambda q, lv: db.get(q, lv)["weight"])
-            result = search(ctx, p, start, sizes, values, load, "evopress quantize")
+            result = search(ctx, p, kl, start, sizes, values, load, "evopress quantize")
             after = 0
             for path, lv in zip(paths, result.state):
                 q = db.get(path, lv)["module"]

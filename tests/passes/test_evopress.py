@@ -274,3 +274,17 @@ def test_evopress_rejects_nm_and_unknown_inner_methods(tokenizer):
     assert "average sparsity" in d.message
     (d,) = _error(tokenizer, "prune body to 50% using evopress(method=dsnot, data=calib)")
     assert d.code == "E0301" and "cannot build the levels" in d.message
+
+
+def test_search_starts_from_the_uniform_layer_sequential_result(tokenizer):
+    """With the budget on a level, the database leaves each layer at that level while the next
+    blocks calibrate, so generation 0 is exactly uniform SparseGPT (same masks, same weights)."""
+    evo = surgery.apply(subject(tokenizer), HEAD + (
+        "prune body to 60% using evopress(levels=[40%, 60%, 80%], method=sparsegpt(block=32), "
+        "data=calib, generations=0, fitness_samples=2)\n")).model
+    uni = surgery.apply(subject(tokenizer), HEAD + (
+        "prune body to 60% using sparsegpt(block=32, data=calib)\n")).model
+    for (n, a), (_, b) in zip(evo.named_modules(), uni.named_modules()):
+        if isinstance(a, SparseLinear):
+            assert torch.equal(a.weight_mask, b.weight_mask), n
+            assert torch.equal(a.weight, b.weight), n
