@@ -43,6 +43,12 @@ CASES = {
     "int4-gptq-actorder-grouped": (
         DATA + f"quantize {BODY} to int4 using gptq(data=calib, group=16, act_order=true)",
         "surgery-only"),
+    "int2-rtn-asym-g16": (f"quantize {BODY} to int2 using rtn(group=16)", "compressed-tensors"),
+    "int3-gptq-g16": (DATA + f"quantize {BODY} to int3 using gptq(data=calib, group=16)",
+                      "compressed-tensors"),
+    "int5-rtn-sym-channel": (f"quantize {BODY} to int5 using rtn(symmetric=true)",
+                             "compressed-tensors"),
+    "int6-rtn-asym-g32": (f"quantize {BODY} to int6 using rtn(group=32)", "compressed-tensors"),
     "2:4": (f"prune {BODY} to 2:4 using magnitude()", "hf"),
     "2:4+int4": (f"prune {BODY} to 2:4 using magnitude()\n"
                  f"quantize {BODY} to int4 using rtn(group=16)", "compressed-tensors"),

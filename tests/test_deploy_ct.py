@@ -14,7 +14,8 @@ pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the t
 
 def _layer(bits, symmetric, group, in_features=48, out_features=20, perm=False, bias=True):
     g = torch.Generator().manual_seed(bits * 100 + group)
-    lo, hi = ((-8, 7) if bits == 4 else (-127, 127)) if symmetric else (0, 2 ** bits - 1)
+    half = 1 << (bits - 1)
+    lo, hi = ((-half, half - 1) if bits < 8 else (-127, 127)) if symmetric else (0, 2 ** bits - 1)
     codes = torch.randint(lo, hi + 1, (out_features, in_features), generator=g)
     ng = in_features // group
     scales = torch.randn(out_features, ng, generator=g) * 0.01  # negative ones too (ORT int4)
@@ -24,7 +25,8 @@ def _layer(bits, symmetric, group, in_features=48, out_features=20, perm=False, 
     return QuantLinear.from_codes(codes, scales, zeros, bits=bits, bias=b, perm=p)
 
 
-FORMATS = [(bits, sym, group) for bits in (4, 8) for sym in (True, False) for group in (16, 48)]
+FORMATS = [(bits, sym, group) for bits in range(2, 9) for sym in (True, False)
+           for group in (16, 48)]
 
 
 @pytest.mark.parametrize("bits,symmetric,group", FORMATS)
@@ -44,8 +46,9 @@ def test_round_trip_and_compressed_tensors_dequantisation(bits, symmetric, group
     assert torch.equal(dense, layer.dequantized_weight())
 
 
-def test_odd_width_int4_per_channel():
-    layer = _layer(4, False, 45, in_features=45)
+@pytest.mark.parametrize("bits", [3, 4, 5])
+def test_odd_width_per_channel(bits):
+    layer = _layer(bits, False, 45, in_features=45)
     tensors, extras = ct.to_ct(layer)
     back = ct.from_ct(layer.surgery_config(), tensors, extras)
     assert all(torch.equal(back[k], v) for k, v in layer.state_dict().items())

@@ -18,6 +18,12 @@ Signatures (N = out_features, K = in_features, G = number of groups, group = K /
                  nibble, 2k+1 in the high nibble (odd K padded with 0). Codes are signed
                  two's-complement nibbles [-8, 7] when ``zeros`` is None, unsigned [0, 15]
                  otherwise.
+    surgery::intn_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias,
+                         int in_features, int bits) -> Tensor       (bits 2, 3, 5, 6, 7)
+        qweight: (N, ceil(K * bits / 32)) int32, each row a dense little-endian bit stream
+                 (see :func:`pack_bits`). Codes are offset to unsigned: a symmetric code c in
+                 [-2^(bits-1), 2^(bits-1) - 1] is stored as c + 2^(bits-1); asymmetric codes
+                 [0, 2^bits - 1] as they are.
     common:  x (..., K) float; scales (N, G) float32; zeros (N, G) uint8 integer zero points;
              bias (N,) or None; result (..., N) in x's dtype.
              dequant(w)[n, k] = (q[n, k] - z[n, k // group]) * s[n, k // group]
@@ -52,6 +58,50 @@ def unpack_int4(packed: torch.Tensor, n: int, signed: bool) -> torch.Tensor:
     return c
 
 
+def _bit_positions(n: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit offset of elements 0..n-1 in a dense ``bits``-wide stream."""
+    start = torch.arange(n, device=device, dtype=torch.int64) * bits
+    return start // 32, start % 32
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (rows, n) in [0, 2^bits) into int32 (rows, ceil(n * bits / 32)).
+
+    Each row is one bit stream: element k occupies stream bits [k * bits, (k + 1) * bits),
+    least significant bit first; stream bit j is bit ``j % 32`` of word ``j // 32``. An element
+    may straddle two words; unused high bits of the last word are 0. This is the layout of
+    compressed-tensors' ``pack_to_int32`` (rows padded to 32 elements, then truncated), so the
+    words are its ``weight_packed`` unchanged.
+    """
+    rows, n = codes.shape
+    n_words = (n * bits + 31) // 32
+    v = codes.to(torch.int64)
+    word, off = _bit_positions(n, bits, codes.device)
+    acc = torch.zeros(rows, n_words + 1, dtype=torch.int64, device=codes.device)
+    # low part into its word; the bits above 32 spill into the next word (disjoint bit ranges,
+    # so adding is the same as or-ing)
+    shifted = v << off
+    acc.scatter_add_(1, word.expand(rows, n), shifted & 0xFFFFFFFF)
+    acc.scatter_add_(1, (word + 1).expand(rows, n), shifted >> 32)
+    acc = acc[:, :n_words]
+    return torch.where(acc >= 1 << 31, acc - (1 << 32), acc).to(torch.int32)
+
+
+def unpack_bits(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 (rows, words) -> unsigned codes (rows, n) int32."""
+    word, off = _bit_positions(n, bits, packed.device)
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, 1))  # the word after the last (straddling reads)
+    both = w.index_select(1, word) | (w.index_select(1, word + 1) << 32)
+    return ((both >> off) & ((1 << bits) - 1)).to(torch.int32)
+
+
+def nbits_codes(qweight: torch.Tensor, in_features: int, bits: int, signed: bool) -> torch.Tensor:
+    """Codes (N, K) int32 of a dense-packed layer (signed for symmetric layers)."""
+    c = unpack_bits(qweight, in_features, bits)
+    return c - (1 << (bits - 1)) if signed else c
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
     """(N, K) integer codes -> (N, K) float32 weights with (N, G) group parameters."""
     n, k = q.shape
@@ -66,6 +116,12 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     in_features: int) -> torch.Tensor:
     return dequantize(unpack_int4(qweight, in_features, signed=zeros is None), scales, zeros)
+
+
+def dequantize_nbits(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     in_features: int, bits: int) -> torch.Tensor:
+    return dequantize(nbits_codes(qweight, in_features, bits, signed=zeros is None), scales,
+                      zeros)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -93,6 +149,18 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 @int4_linear.register_fake
 def _(x, qweight, scales, zeros, bias, in_features):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("surgery::intn_linear", mutates_args=())
+def intn_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor | None, bias: torch.Tensor | None,
+                in_features: int, bits: int) -> torch.Tensor:
+    return _linear(x, dequantize_nbits(qweight, scales, zeros, in_features, bits), bias)
+
+
+@intn_linear.register_fake
+def _(x, qweight, scales, zeros, bias, in_features, bits):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -129,7 +197,20 @@ def _backward4(ctx, grad):
     return gx, None, None, None, _grad_bias(grad, bias), None
 
 
+def _setupn(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, in_features, bits = inputs
+    ctx.in_features, ctx.bits = in_features, bits
+    ctx.save_for_backward(qweight, scales, zeros, bias)
+
+
+def _backwardn(ctx, grad):
+    qweight, scales, zeros, bias = ctx.saved_tensors
+    w = dequantize_nbits(qweight, scales, zeros, ctx.in_features, ctx.bits)
+    return grad @ w.to(grad.dtype), None, None, None, _grad_bias(grad, bias), None, None
+
+
 int8_linear.register_autograd(_backward8, setup_context=_setup8)
+intn_linear.register_autograd(_backwardn, setup_context=_setupn)
 int4_linear.register_autograd(_backward4, setup_context=_setup4)
 
 

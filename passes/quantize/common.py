@@ -16,9 +16,9 @@ from surgery.passes.quantize.qlinear import QuantLinear
 
 
 class QuantParams(PassParams):
-    format: Literal["int8", "int4"]
+    format: Literal["int2", "int3", "int4", "int5", "int6", "int7", "int8"]
     group: int | None = None  # input columns per scale; None = per output channel
-    symmetric: bool | None = None  # None = true for int8, false for int4
+    symmetric: bool | None = None  # None = true for int8, false for int2..int7
     clip: bool = False  # grid-search a clipping ratio per group (minimises weight MSE)
     clip_grid: int = 20  # number of shrink steps tried
     clip_min: float = 0.5  # smallest clipping ratio tried
@@ -46,7 +46,7 @@ class QuantParams(PassParams):
 
     @property
     def bits(self) -> int:
-        return 8 if self.format == "int8" else 4
+        return int(self.format.removeprefix("int"))
 
     @property
     def is_symmetric(self) -> bool:

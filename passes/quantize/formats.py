@@ -1,4 +1,4 @@
-"""Integer weight formats: fitting scales/zero points, round-to-nearest, int4 packing.
+"""Integer weight formats (2 to 8 bits): fitting scales/zero points, round-to-nearest, packing.
 
 Conventions (docs/passes/quantize.md has the user-facing version):
 
@@ -6,9 +6,10 @@ Conventions (docs/passes/quantize.md has the user-facing version):
   ``group == in_features``. Weights are handled as ``(out, n_groups, group)`` views.
 - Symmetric codes are signed and have no zero point: ``w_hat = q * scale``.
   int8: ``scale = absmax / 127``, ``q in [-127, 127]`` (never clips).
-  int4 (ONNX Runtime flavour): ``a`` = the signed extreme of the group, ``scale = a / -8``,
-  ``q in [-8, 7]``; the extreme itself is exact, only the opposite side may clip by one step.
-  The scale is therefore negative for groups whose extreme is positive, as in ORT.
+  int2..int7 (ONNX Runtime flavour, shown for int4): ``a`` = the signed extreme of the group,
+  ``scale = a / -8``, ``q in [-8, 7]`` (in general ``[-2^(b-1), 2^(b-1) - 1]``); the extreme
+  itself is exact, only the opposite side may clip by one step. The scale is therefore negative
+  for groups whose extreme is positive, as in ORT.
 - Asymmetric codes are unsigned with an integer zero point per group (GPTQ ``Quantizer``):
   ``xmin = min(w, 0)``, ``xmax = max(w, 0)``, ``scale = (xmax - xmin) / maxq``,
   ``zero = round(-xmin / scale)``, ``q = clamp(round(w / scale) + zero, 0, maxq)``,
@@ -17,6 +18,8 @@ Conventions (docs/passes/quantize.md has the user-facing version):
 - int4 packing: two codes per byte along the input dimension of each row, element ``2k`` in the
   low nibble and ``2k + 1`` in the high nibble, an odd row padded with 0 (ONNX INT4/UINT4 storage
   and ORT's ``pack_int8_to_int4``). Signed codes are stored as two's-complement nibbles.
+- int2, int3, int5, int6, int7 packing: each row is one dense little-endian bit stream in int32
+  words (backends/ops/quant.py ``pack_bits``), codes offset to unsigned (symmetric ``c + 2^(b-1)``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 @dataclass(frozen=True)
 class Format:
-    bits: int  # 4 or 8
+    bits: int  # 2..8
     symmetric: bool
 
     @property
@@ -134,6 +137,10 @@ def zero_code(zero: torch.Tensor | None, shape, device=None) -> torch.Tensor:
     if zero is None:
         return torch.zeros(shape, dtype=torch.int32, device=device)
     return zero.to(torch.int32)
+
+
+BITS = (2, 3, 4, 5, 6, 7, 8)  # the supported integer widths
+FORMATS = tuple(f"int{b}" for b in BITS)
 
 
 # int4 packing lives with the custom ops that read it (backends/ops/quant.py).

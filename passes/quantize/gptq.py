@@ -1,4 +1,4 @@
-"""`quantize SEL to int4 using gptq(data=calib, group=64, ...)`: GPTQ (spec ops.md §8.2).
+"""`quantize SEL to int2..int8 using gptq(data=calib, group=64, ...)`: GPTQ (spec ops.md §8.2).
 
 Per Linear, with the layer Hessian H = 2/n XᵀX from calibration inputs: columns are quantised
 one at a time and each column's rounding error is spread over the not-yet-quantised columns
@@ -174,7 +174,7 @@ class GptqParams(QuantParams):
 @register
 class Gptq(QuantizePass):
     method = "gptq"
-    summary = "GPTQ: Hessian-aware int4/int8 weight quantisation, layer-sequential calibration"
+    summary = "GPTQ: Hessian-aware int2..int8 weight quantisation, layer-sequential calibration"
     Params = GptqParams
     granularity = Granularity.BLOCK
 

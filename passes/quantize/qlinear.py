@@ -1,9 +1,11 @@
-"""``QuantLinear``: a Linear whose weight is stored as real int8 / packed int4 codes.
+"""``QuantLinear``: a Linear whose weight is stored as real integer codes (2 to 8 bits).
 
 State (all buffers, so ``state_dict`` round-trips it exactly and safetensors saves it):
 
 - ``qweight``: int8 ``(out, in)`` (int8 symmetric), uint8 ``(out, in)`` (int8 asymmetric) or
-  uint8 ``(out, ceil(in/2))`` (int4, two codes per byte, see formats.py),
+  uint8 ``(out, ceil(in/2))`` (int4, two codes per byte, see formats.py) or int32
+  ``(out, ceil(in * bits / 32))`` (int2, int3, int5, int6, int7: one dense bit stream per row,
+  codes offset to unsigned; backends/ops/quant.py ``pack_bits``),
 - ``scales``: float32 ``(out, in // group)``,
 - ``zeros``: uint8 ``(out, in // group)`` integer zero points (asymmetric only),
 - ``bias``: ``(out,)`` (if the original Linear had one),
@@ -15,7 +17,7 @@ format, the activation dtype and the number of rows allow it: the kernel operand
 the buffers once per activation dtype, at the first forward, cached on the module (not buffers:
 never saved, dropped on ``.to()`` and when a buffer changes), so the saved artifact is unchanged.
 Otherwise (other devices, autograd through x, unsupported formats, many rows) forward calls the
-``surgery::int8_linear`` / ``surgery::int4_linear`` custom ops (backends/ops/quant.py), whose CPU
+``surgery::int8_linear`` / ``surgery::int4_linear`` / ``surgery::intn_linear`` custom ops (backends/ops/quant.py), whose CPU
 implementation dequantises and runs ``F.linear`` (the reference); other backends register
 kernels for the same ops. ``fast_path = False`` on a module (or the class) forces the reference.
 """
@@ -29,7 +31,7 @@ import torch.nn as nn
 
 from surgery.backends.ops import quant as qops
 from surgery.backends.ops import quant_cpu
-from surgery.passes.quantize.formats import Format, pack_int4, unpack_int4
+from surgery.passes.quantize.formats import BITS, Format, pack_int4, unpack_int4
 from surgery.registry import register_module_type
 
 
@@ -41,8 +43,8 @@ class QuantLinear(nn.Module):
                  symmetric: bool, bias: bool = True, permuted: bool = False,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, not {bits}")
         if in_features % group:
             raise ValueError(f"group {group} does not divide in_features {in_features}")
         self.in_features, self.out_features = in_features, out_features
@@ -53,9 +55,13 @@ class QuantLinear(nn.Module):
             qdtype = torch.int8 if symmetric else torch.uint8
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=qdtype,
                                                         device=device))
-        else:
+        elif bits == 4:
             self.register_buffer("qweight", torch.zeros(out_features, (in_features + 1) // 2,
                                                         dtype=torch.uint8, device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features,
+                                                        (in_features * bits + 31) // 32,
+                                                        dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(out_features, ng, dtype=torch.float32,
                                                   device=device))
         if symmetric:
@@ -93,8 +99,11 @@ class QuantLinear(nn.Module):
                 device=codes.device)
         if bits == 8:
             m.qweight.copy_(codes.to(m.qweight.dtype))
-        else:
+        elif bits == 4:
             m.qweight.copy_(pack_int4(codes))
+        else:
+            unsigned = codes.to(torch.int32) + (1 << (bits - 1) if zeros is None else 0)
+            m.qweight.copy_(qops.pack_bits(unsigned, bits))
         m.scales.copy_(scales.to(torch.float32))
         if zeros is not None:
             m.zeros.copy_(zeros.to(torch.uint8))
@@ -119,10 +128,13 @@ class QuantLinear(nn.Module):
     # --- views -------------------------------------------------------------------------------
 
     def codes(self) -> torch.Tensor:
-        """Integer codes (out, in) in stored column order (int8 tensor for int4, else qweight)."""
+        """Integer codes (out, in) in stored column order (qweight for int8, int8 for int4, int32
+        for the bit-stream widths); signed for symmetric layers."""
         if self.bits == 8:
             return self.qweight
-        return unpack_int4(self.qweight, self.in_features, signed=self.symmetric)
+        if self.bits == 4:
+            return unpack_int4(self.qweight, self.in_features, signed=self.symmetric)
+        return qops.nbits_codes(self.qweight, self.in_features, self.bits, self.symmetric)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight (out, in) this layer computes with, in the original column order."""
@@ -138,6 +150,8 @@ class QuantLinear(nn.Module):
 
     def fast_path_reason(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
         """Why forward with ``dtype`` activations cannot use a packed kernel (None if it can)."""
+        if self.bits not in (4, 8):
+            return f"int{self.bits} (packed CPU kernels exist for int4 and int8 only)"
         if self.qweight.device.type != "cpu":
             return f"weights on {self.qweight.device.type} (packed kernels are CPU only)"
         return quant_cpu.unsupported_reason(self.bits, self.group, self.symmetric,
@@ -169,7 +183,8 @@ class QuantLinear(nn.Module):
         return packed
 
     def _packed_for(self, x: torch.Tensor) -> quant_cpu.Packed | None:
-        if not self.fast_path or x.device.type != "cpu" or x.dtype not in quant_cpu.MAX_ROWS:
+        if (not self.fast_path or x.device.type != "cpu" or x.dtype not in quant_cpu.MAX_ROWS
+                or self.bits not in quant_cpu.MAX_ROWS[x.dtype]):
             return None
         if x.requires_grad and torch.is_grad_enabled():
             return None  # the kernels have no backward; the reference op has
@@ -200,8 +215,11 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             return torch.ops.surgery.int8_linear(x, self.qweight, self.scales, self.zeros,
                                                  self.bias)
-        return torch.ops.surgery.int4_linear(x, self.qweight, self.scales, self.zeros, self.bias,
-                                             self.in_features)
+        if self.bits == 4:
+            return torch.ops.surgery.int4_linear(x, self.qweight, self.scales, self.zeros,
+                                                 self.bias, self.in_features)
+        return torch.ops.surgery.intn_linear(x, self.qweight, self.scales, self.zeros, self.bias,
+                                             self.in_features, self.bits)
 
     def surgery_export_module(self, options) -> nn.Module:
         """The ONNX export layout of this layer (backends/onnx/export.py calls this; ``options``

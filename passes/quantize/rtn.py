@@ -1,4 +1,4 @@
-"""`quantize SEL to int8|int4 using rtn(group=, symmetric=, clip=)`: round-to-nearest.
+"""`quantize SEL to int2..int8 using rtn(group=, symmetric=, clip=)`: round-to-nearest.
 
 Each group of ``group`` input columns of a row (the whole row when ``group`` is absent) gets its
 own scale (and zero point when asymmetric), fitted on the weight alone (spec ops.md §8.1). With
@@ -38,7 +38,7 @@ def rtn_quantize(w: torch.Tensor, fmt: Format, group: int, clip: ClipSearch | No
 @register
 class Rtn(QuantizePass):
     method = "rtn"
-    summary = "round-to-nearest weight quantisation (int8 / int4, per channel or per group)"
+    summary = "round-to-nearest weight quantisation (int2..int8, per channel or per group)"
     is_default = True
     granularity = Granularity.TENSOR
     Params = QuantParams

@@ -45,10 +45,13 @@ def initializer_types(path):
 
 
 CASES = [(4, False, 16), (4, True, 32), (4, False, None), (4, True, None), (8, True, None),
-         (8, False, 16)]
+         (8, False, 16), (2, False, 16), (2, True, 32), (3, False, 16), (3, True, None),
+         (5, True, 32), (6, False, None), (7, False, 16)]
 # Each export takes seconds; the default run covers every storage kind once, -m slow all pairs.
 FAST = {((4, False, 16), "matmulnbits"), ((4, True, 32), "qdq"), ((4, False, None), "qdq"),
-        ((8, False, 16), "qdq")}
+        ((8, False, 16), "qdq"), ((2, False, 16), "matmulnbits"), ((2, True, 32), "matmulnbits"),
+        ((3, False, 16), "matmulnbits"), ((3, True, None), "qdq"), ((5, True, 32), "matmulnbits"),
+        ((6, False, None), "qdq"), ((7, False, 16), "matmulnbits")}
 PAIRS = [pytest.param(c, i, marks=() if (c, i) in FAST else pytest.mark.slow)
          for c in CASES for i in ("matmulnbits", "qdq")]
 
@@ -59,7 +62,7 @@ def test_export_layouts_equal_quantlinear(bits, sym, group):
     x = torch.randn(3, 64)
     ref = x @ q.dequantized_weight().T + q.bias
     torch.testing.assert_close(DQMatMulLinear(q)(x), ref, rtol=1e-5, atol=1e-5)
-    if bits == 4:
+    if bits in (2, 4):
         torch.testing.assert_close(MatMulNBitsLinear(q)(x), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -72,15 +75,18 @@ def test_single_layer_graph_reproduces_x_w_hat(tmp_path, case, int4):
     assert rep.verified and rep.max_rel_diff < 1e-5
     m, inits = initializer_types(path)
     ops = {(n.domain, n.op_type) for n in m.graph.node}
-    if bits == 4 and int4 == "matmulnbits":
+    if bits in (2, 4) and int4 == "matmulnbits":
         assert ops == {("com.microsoft", "MatMulNBits")}
         node = m.graph.node[0]
         assert inits[node.input[1]] == onnx.TensorProto.UINT8
+        assert next(a.i for a in node.attribute if a.name == "bits") == bits
     else:
         assert ("", "DequantizeLinear") in ops and ("", "MatMul") in ops
         dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
-        want = {(4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4,
-                (8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8}[(bits, sym)]
+        # int4 in real INT4/UINT4; the other widths (no ORT MatMulNBits for 3, 5, 6, 7) in the
+        # int8 / uint8 container holding exactly the codes
+        want = ({True: onnx.TensorProto.INT4, False: onnx.TensorProto.UINT4} if bits == 4 else
+                {True: onnx.TensorProto.INT8, False: onnx.TensorProto.UINT8})[sym]
         assert inits[dq.input[0]] == want
         assert len(dq.input) == (2 if sym else 3)
     # a fresh input through ORT equals x @ w_hat.T + b

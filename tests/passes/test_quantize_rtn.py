@@ -166,7 +166,7 @@ def test_states_refuse_requantizing():
     assert RTN.is_default
 
 
-@pytest.mark.parametrize("kw,msg", [({"format": "int3"}, "format"),
+@pytest.mark.parametrize("kw,msg", [({"format": "int9"}, "format"),
                                     ({"format": "int4", "group": 0}, "group must be at least 2"),
                                     ({"format": "int4", "clip_min": 1.5}, "clip_min"),
                                     ({"format": "int4", "grup": 64}, "grup")])
