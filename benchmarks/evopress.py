@@ -29,15 +29,26 @@ CONFIGS = {
     "dense": None,
     "drop 6 cosine": ("drop", "cosine", 6, {}),
     "drop 6 evopress": ("drop", "evopress", 6, {"search": True}),
+    "sparsegpt 60% uniform (evopress start)": ("prune", "evopress", "60%",
+                                               {"search": True, "db": True, "gens": 0,
+                                                "levels": "40,50,60,70,80"}),
     "sparsegpt 60% uniform": ("prune", "sparsegpt", "60%", {}),
     "owl 60% (sparsegpt)": ("prune", "owl", "60%", {"method": "sparsegpt"}),
-    "evopress 60% (sparsegpt)": ("prune", "evopress", "60%", {"search": True, "db": True}),
+    "evopress 60% (sparsegpt)": ("prune", "evopress", "60%", {"search": True, "db": True,
+                                                            "levels": "40,50,60,70,80"}),
+    "sparsegpt 70% uniform (evopress start)": ("prune", "evopress", "70%",
+                                               {"search": True, "db": True, "gens": 0,
+                                                "levels": "50,60,70,80,90"}),
     "sparsegpt 70% uniform": ("prune", "sparsegpt", "70%", {}),
     "owl 70% (sparsegpt)": ("prune", "owl", "70%", {"method": "sparsegpt"}),
-    "evopress 70% (sparsegpt)": ("prune", "evopress", "70%", {"search": True, "db": True}),
+    "evopress 70% (sparsegpt)": ("prune", "evopress", "70%", {"search": True, "db": True,
+                                                            "levels": "50,60,70,80,90"}),
+    "gptq int3 g64 uniform (evopress start)": (
+        "quantize", "evopress", "int3", {"search": True, "db": True, "gens": 0, "levels": "2,3,4,8",
+                                         "method": {"name": "gptq", "kwargs": {"group": 64}}}),
     "gptq int3 g64 uniform": ("quantize", "gptq", "int3", {"group": 64}),
     "evopress int3 (gptq g64)": ("quantize", "evopress", "int3",
-                                 {"search": True, "db": True, "levels": [2, 3, 4, 8],
+                                 {"search": True, "db": True, "levels": "2,3,4,8",
                                   "method": {"name": "gptq", "kwargs": {"group": 64}}}),
 }
 
@@ -48,19 +59,22 @@ def compress(model, verb, method, value, extra, calib, args, charts: Path | None
     from surgery.registry import get_pass
 
     P = get_pass(verb, method)
-    kw = {k: v for k, v in extra.items() if k not in ("search", "db")}
+    kw = {k: v for k, v in extra.items() if k not in ("search", "db", "gens", "levels")}
     if isinstance(kw.get("method"), dict):
         kw["method"] = CallValue(**kw["method"])
     kw["data"] = "calib"
     if extra.get("search"):
-        kw.update(generations=args.gens, offspring=args.offspring,
+        kw.update(generations=extra.get("gens", args.gens), offspring=args.offspring,
                   survivors=[args.survivors, 1], tokens=[args.tokens0, args.tokens1],
                   fitness_samples=args.fitness_samples, seed=0,
                   checkpoint=str(Path(args.work) / f"{name.replace(' ', '_')}.ckpt.json"))
     if extra.get("db"):
-        kw["database"] = str(Path(args.work) / f"db-{verb}")
+        levels = extra.get("levels", args.levels)
+        kw["database"] = str(Path(args.work) / f"db-{verb}-{value}-{levels}")
         if verb == "prune":
-            kw["levels"] = [Percent(value=float(v)) for v in args.levels.split(",")]
+            kw["levels"] = [Percent(value=float(v)) for v in levels.split(",")]
+        else:
+            kw["levels"] = [int(v) for v in levels.split(",")]
     field = {"prune": "sparsity", "quantize": "format", "drop": "count"}[verb]
     if verb == "prune":
         value = Percent(value=float(value.rstrip("%")))
@@ -125,6 +139,7 @@ def run(args) -> None:
                            for k, v in rep.per_module.items()} if rep and m.get("generations")
                           else None),
                "calib": f"{args.samples}x{args.seqlen}", "eval_tokens": int(evaluation.numel()),
+               "levels_given": (spec[3].get("levels") if spec else None),
                "search": {"offspring": args.offspring, "stages": [[args.survivors, args.tokens0],
                                                                   [1, args.tokens1]],
                           "fitness_samples": args.fitness_samples, "levels": args.levels},

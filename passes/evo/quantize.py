@@ -25,7 +25,8 @@ from .search import average, initial_state
 
 
 def supported_bits(bits: int) -> bool:
-    """Whether this build's QuantLinear stores ``bits`` (int2..int8 arrive with the bits work)."""
+    """Whether this build's QuantLinear stores ``bits`` (checked, not assumed: the formats are
+    the quantize family's)."""
     try:
         with torch.device("meta"):
             QuantLinear(8, 8, bits=bits, group=8, symmetric=True)
@@ -59,8 +60,7 @@ class EvoQuantParams(SearchParams):
             raise ValueError("levels must not repeat")
         missing = [x for x in v if not supported_bits(x)]
         if missing:
-            raise ValueError(f"int{missing[0]} is not a storage format of this build "
-                             "(QuantLinear holds int4 and int8 here)")
+            raise ValueError(f"int{missing[0]} is not a storage format of this build")
         fmt = info.data.get("format")
         if fmt and not min(v) <= int(fmt[3:]) <= max(v):
             raise ValueError(f"infeasible budget: an average of {fmt[3:]} bits cannot be made "

@@ -176,16 +176,23 @@ def test_prune_evopress_seed_determinism_and_resume(tokenizer, tmp_path):
     assert c == a
 
 
-def test_quantize_evopress_bits_average_is_exact(tokenizer):
+def test_quantize_evopress_bits_average_is_exact(tokenizer, tmp_path):
+    out = tmp_path / "q"
     r = surgery.apply(subject(tokenizer), HEAD + (
-        f"quantize body to int6 using evopress(levels=[4, 8], method=gptq(group=32), "
-        f"data=calib, {FAST})\n"))
+        f"quantize body to int3 using evopress(levels=[2, 3, 4, 8], method=gptq(group=32), "
+        f'data=calib, {FAST})\nsave "{out}"\n'))
     q = {n: m for n, m in r.model.named_modules() if isinstance(m, QuantLinear)}
     assert len(q) == 4 * 7
-    assert {m.bits for m in q.values()} <= {4, 8}
+    assert {m.bits for m in q.values()} <= {2, 3, 4, 8}
     total = sum(m.in_features * m.out_features for m in q.values())
-    assert sum(m.bits * m.in_features * m.out_features for m in q.values()) == 6 * total
-    assert r.report.steps[0].report.metrics["average_bits"] == 6
+    assert sum(m.bits * m.in_features * m.out_features for m in q.values()) == 3 * total
+    assert r.report.steps[0].report.metrics["average_bits"] == 3
+    # the mixed widths save and load back as they were
+    loaded = surgery.load(out)
+    for n, m in q.items():
+        assert loaded.get_submodule(n).bits == m.bits
+        torch.testing.assert_close(loaded.get_submodule(n).dequantized_weight(),
+                                   m.dequantized_weight())
 
 
 @pytest.mark.parametrize("method", ["cosine(data=calib)", f"evopress(data=calib, {FAST})"])
