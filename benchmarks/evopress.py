@@ -38,11 +38,11 @@ CONFIGS = {
                                                             "levels": "40,50,60,70,80"}),
     "sparsegpt 70% uniform (evopress start)": ("prune", "evopress", "70%",
                                                {"search": True, "db": True, "gens": 0,
-                                                "levels": "50,60,70,80,90"}),
+                                                "levels": "60,70,80"}),
     "sparsegpt 70% uniform": ("prune", "sparsegpt", "70%", {}),
     "owl 70% (sparsegpt)": ("prune", "owl", "70%", {"method": "sparsegpt"}),
     "evopress 70% (sparsegpt)": ("prune", "evopress", "70%", {"search": True, "db": True,
-                                                            "levels": "50,60,70,80,90"}),
+                                                            "levels": "60,70,80"}),
     "gptq int3 g64 uniform (evopress start)": (
         "quantize", "evopress", "int3", {"search": True, "db": True, "gens": 0, "levels": "2,3,4,8",
                                          "method": {"name": "gptq", "kwargs": {"group": 64}}}),

@@ -14,7 +14,7 @@ class BudgetProblem(Problem):
 def check_budget(targets, values: list[float], target: float, unit: str) -> BudgetProblem | None:
     sizes = [m.weight.numel() for m in targets.values()]
     try:
-        initial_state(sizes, values, target)
+        initial_state(sizes, values, target, noun="layers")
     except Infeasible as e:
         return BudgetProblem(f"infeasible budget {target:g}{unit}: {e}",
                              hint="add levels between the ones given, or change the average")

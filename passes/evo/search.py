@@ -67,7 +67,8 @@ def group_by_size(sizes: Sequence[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def initial_state(sizes: Sequence[int], values: Sequence[float], target: float) -> list[int]:
+def initial_state(sizes: Sequence[int], values: Sequence[float], target: float,
+                  noun: str = "units") -> list[int]:
     """Level indices whose size-weighted average value is exactly ``target``.
 
     Uniform when ``target`` is a level; otherwise each group starts at the level just below and
@@ -95,7 +96,7 @@ def initial_state(sizes: Sequence[int], values: Sequence[float], target: float) 
                     if need == 0:
                         break
         if need != 0:
-            raise Infeasible(f"{len(group)} units of {sizes[group[0]]} parameters cannot average "
+            raise Infeasible(f"{len(group)} {noun} of {sizes[group[0]]} parameters cannot average "
                              f"exactly {float(t):g} with levels "
                              f"{', '.join(f'{float(v):g}' for v in vals)}")
     return state
