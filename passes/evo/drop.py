@@ -219,6 +219,8 @@ def _install(model: nn.Module, cont: str, keep: list[nn.Module], reindex: bool =
                 if c is not None}.values():
         if getattr(cfg, "num_hidden_layers", None) == n_before:
             cfg.num_hidden_layers = len(keep)
+        if not hasattr(cfg, "__dict__"):  # a plain dict config (skeletons): nothing per layer
+            continue
         for key, val in list(vars(cfg).items()):
             if isinstance(val, list) and len(val) == n_before and key != "architectures":
                 setattr(cfg, key, [val[j] for j in kept_old])

@@ -157,6 +157,7 @@ def test_prune_evopress_average_is_exact_and_saved_with_chart(tokenizer, tmp_pat
     assert "evopress" in json.dumps(manifest) and '"sparsity_level"' in json.dumps(manifest)
 
 
+@pytest.mark.slow  # four searches; the search's own determinism and resume are tested above
 def test_prune_evopress_seed_determinism_and_resume(tokenizer, tmp_path):
     def run(extra):
         return _levels(surgery.apply(subject(tokenizer), HEAD + (
