@@ -7,7 +7,8 @@ from typing import Sequence
 
 
 def allocation_png(names: Sequence[str], levels: Sequence[float], errors: Sequence[float | None],
-                   *, level_label: str, title: str) -> bytes:
+                   *, level_label: str, title: str,
+                   error_label: str = "relative output error") -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +24,7 @@ def allocation_png(names: Sequence[str], levels: Sequence[float], errors: Sequen
     if any(e > 0 for e in errs):
         ax2.bar(xs, errs, color="#c0504d", width=0.9)
         ax2.set_yscale("log")
-    ax2.set_ylabel("relative output error")
+    ax2.set_ylabel(error_label)
     step = max(1, n // 30)
     ax2.set_xticks(xs[::step])
     ax2.set_xticklabels([names[i] for i in xs[::step]], rotation=90, fontsize=6)
@@ -37,5 +38,7 @@ def allocation_png(names: Sequence[str], levels: Sequence[float], errors: Sequen
 def short(path: str) -> str:
     """`model.layers.12.self_attn.q_proj` -> `12.q_proj` (chart labels)."""
     parts = path.split(".")
+    if parts[-1].isdigit():  # a block: `model.layers.12` -> `12`
+        return parts[-1]
     nums = [p for p in parts if p.isdigit()]
     return f"{nums[-1]}.{parts[-1]}" if nums else parts[-1]

@@ -100,7 +100,7 @@ def search(ctx: RunContext, params: SearchParams, kl: KLFitness, start: list[int
 
 def fill_report(report: StepReport, result: SearchResult, names: list[str], shown: list[float],
                 errors: list[float | None], *, key: str, level_label: str, title: str,
-                realised: float) -> None:
+                realised: float, error_label: str = "relative output error") -> None:
     report.metrics.update({
         "generations": result.generations, "best_kl": round(result.fitness, 6),
         "search_seconds": result.seconds, "fitness_evaluations": getattr(result, "evaluations", 0),
@@ -113,7 +113,8 @@ def fill_report(report: StepReport, result: SearchResult, names: list[str], show
             report.per_module[n]["error"] = round(e, 6)
     report.metrics["search_trace"] = [round(h["fitness"], 6) for h in result.history]
     report.files[f"evopress-{key}.png"] = allocation_png(
-        [short(n) for n in names], shown, errors, level_label=level_label, title=title)
+        [short(n) for n in names], shown, errors, level_label=level_label, title=title,
+        error_label=error_label)
 
 
 def linear_loader(model: nn.Module, paths: list[str], fetch: Callable[[str, int], torch.Tensor]):

@@ -165,7 +165,8 @@ class EvoPressDrop(DropPass):
         fill_report(report, result, names, [float(lv) for lv in result.state],
                     [1 - sims[i] for i in selected], key="dropped", level_label="dropped",
                     title=f"EvoPress: {n} of {len(selected)} blocks dropped",
-                    realised=sum(result.state) / len(selected))
+                    realised=sum(result.state) / len(selected),
+                    error_label="1 - cosine(block input, output)")
         report.metrics["start"] = sorted(first)
         return {i for i, lv in zip(selected, result.state) if lv}
 
