@@ -150,7 +150,6 @@ def test_prune_evopress_average_is_exact_and_saved_with_chart(tokenizer, tmp_pat
     # ... and so do the masks, to the rounding of each row's count
     zeros = sum(int((~m.weight_mask).sum()) for m in lins.values())
     assert abs(zeros / total - 0.6) <= len(lins) * 64 / total
-    assert len(set(levels.values())) > 1 or r.report.steps[0].report.metrics["generations"]
     png = (out / "evopress-sparsity_level.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "surgery.json").read_text())
