@@ -161,17 +161,23 @@ def table(paths: str) -> str:
                 found[r["config"]] = r
     rows = [found[c] for c in CONFIGS if c in found]
     dense = next((r["ppl"] for r in rows if r["config"] == "dense"), None)
-    out = ["| config | perplexity | vs dense | realised average | generations | search (s) | "
-           "database (s) | total compress (s) |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| config | perplexity | vs dense | budget, realised | generations | search (s) | "
+           "database (s) | compress total (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ppl'] / dense:.2f}x" if dense else "-"
-        avg = r.get("average")
-        if avg is None and r.get("sparsity") is not None:
-            avg = f"{100 * r['sparsity']:.2f}%"
-        elif avg is not None and "evopress" in r["config"] and "%" in r["config"]:
-            avg = f"{avg:.2f}% (levels)"
-        out.append(f"| {r['config']} | {r['ppl']:.2f} | {ratio} | {avg if avg is not None else '-'}"
-                   f" | {r.get('generations') or '-'} | {r.get('search_s') or '-'} | "
+        if r.get("dropped"):
+            budget = f"{len(r['dropped'])} blocks dropped"
+        elif r.get("sparsity") is not None:
+            budget = f"{100 * r['sparsity']:.3f}% zeros"
+            if r.get("average") is not None:
+                budget += f" (levels average {r['average']:g}%)"
+        elif r.get("average") is not None:
+            budget = f"{r['average']:g} bits average"
+        else:
+            budget = "-"
+        gens = r.get("generations")
+        out.append(f"| {r['config']} | {r['ppl']:.2f} | {ratio} | {budget} | "
+                   f"{'-' if gens is None else gens} | {r.get('search_s') or '-'} | "
                    f"{r.get('database_s') or '-'} | {r['compress_s']} |")
     return "\n".join(out)
 
