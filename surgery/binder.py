@@ -234,6 +234,11 @@ def bind(program: CheckedProgram, model: nn.Module, *, subject_source: str = "<m
                                     step.stmt.span,
                                     help=f"{len(bad)} of {len(modules)} selected modules are "
                                          "affected; narrow the selector or change the parameters"))
+        if not problems and len(diags) == before and modules:
+            whole = pass_obj.check_targets(modules)  # a budget or count over all targets
+            if whole:
+                diags.append(Diagnostic(getattr(whole, "code", "E0401"), whole, step.stmt.span,
+                                        help=getattr(whole, "hint", None)))
         params = pass_obj.affected_parameters(modules)
         mem = params * 4 + pass_obj.estimate_memory(modules)
         rows.append(PlanRow(step.line, statement_text(program, step.stmt), step=step,

@@ -178,6 +178,9 @@ class Code(str, enum.Enum):
     E0302 = "E0302"
     E0303 = "E0303"
     E0304 = "E0304"
+    # budgets (EvoPress, drop)
+    E0330 = "E0330"
+    E0331 = "E0331"
     # selectors and binding
     E0400 = "E0400"
     E0401 = "E0401"
@@ -245,6 +248,8 @@ TITLES: dict[Code, str] = {
     Code.E0302: "missing required parameter",
     Code.E0303: "invalid sparsity or format",
     Code.E0304: "parameter given twice",
+    Code.E0330: "infeasible compression budget",
+    Code.E0331: "dropping more blocks than selected",
     Code.E0400: "selector matches nothing",
     Code.E0401: "selected module cannot take this pass",
     Code.E0402: "shape or divisibility error",

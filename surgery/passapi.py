@@ -115,6 +115,9 @@ class StepReport:
     metrics: dict[str, Any] = field(default_factory=dict)  # numbers worth showing
     notes: list[str] = field(default_factory=list)
     per_module: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Files a step wants written beside the saved artifact (name -> bytes, e.g. a PNG chart);
+    # `save` writes them into its directory. Not part of the JSON report.
+    files: dict[str, bytes] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -290,6 +293,12 @@ class Pass:
     def check_module(self, path: str, module: "nn.Module") -> str | None:
         """Precondition on one target (works on meta tensors): the reason it cannot be applied,
         or None. Shape and divisibility checks belong here. Plan and run both call it."""
+        return None
+
+    def check_targets(self, targets: dict[str, "nn.Module"]) -> "Problem | None":
+        """Precondition on the targets taken together (a budget over all of them, a count of
+        blocks), run at plan time after every `check_module` passed. A returned Problem may
+        carry a `code` (default E0401)."""
         return None
 
     def apply(self, ctx: RunContext, targets: dict[str, "nn.Module"]) -> PassResult:

@@ -30,6 +30,8 @@ GRANULARITY = {
     "export/onnx": "model", "export/peft": "tensor", "save/surgery": "tensor",
     "compensate/eora": "block", "compensate/svd": "tensor",
     "export/gguf": "tensor",
+    "prune/evopress": "model", "quantize/evopress": "model", "prune/owl": "block",
+    "drop/cosine": "model", "drop/evopress": "model",
 }
 
 
@@ -103,6 +105,7 @@ MAKE = {
     State.LOWERED: 'lower softmax to triton in modules("**.self_attn")',
     State.MERGED: "merge a, b using linear()",
 }
+_FAST_SEARCH = "generations=1, offspring=1, survivors=[1, 1], tokens=[8, 16], fitness_samples=2"
 # The statement of each pass on those modules.
 USE = {
     "quantize/rtn": 'quantize modules("**.q_proj") to int8',
@@ -127,6 +130,11 @@ USE = {
     "merge/weight_matching": "merge a, b using weight_matching()",
     "compensate/eora": 'compensate modules("**.q_proj") using eora(rank=4, data=calib)',
     "compensate/svd": 'compensate modules("**.q_proj") using svd(rank=4)',
+    "prune/evopress": 'prune modules("**.q_proj") to 50% using evopress(levels=[40%, 60%], '
+                      f"method=wanda, data=calib, {_FAST_SEARCH})",
+    "quantize/evopress": 'quantize modules("**.q_proj") to int6 using evopress(levels=[4, 8], '
+                         f"method=rtn(group=32), data=calib, {_FAST_SEARCH})",
+    "prune/owl": 'prune modules("**.q_proj") to 50% using owl(method=wanda, data=calib)',
 }
 # `merge adapters` needs the adapter on top of the refused state.
 BEFORE_USE = {"merge/adapters": MAKE[State.ADAPTED]}
@@ -181,6 +189,9 @@ APPLY = USE | {
     # compensate needs a compressed layer (its refusals are the states it cannot follow)
     "compensate/eora": MAKE[State.QUANTIZED] + "\n" + USE["compensate/eora"],
     "compensate/svd": MAKE[State.MASKED] + "\n" + USE["compensate/svd"],
+    "drop/cosine": 'drop 1 of modules("model.layers.*") using cosine(data=calib)',
+    "drop/evopress": 'drop 1 of modules("model.layers.*") using evopress(data=calib, '
+                     + _FAST_SEARCH + ")",
 }
 
 

@@ -56,7 +56,7 @@ def test_unknown_method_lists_registered_ones():
     with pytest.raises(SurgeryError) as e:
         Program("quantize type(Linear) to int8 using awq()\n").check()
     d = e.value.diagnostics[0]
-    assert d.code == "E0201" and "registered methods: gptq, rtn" in d.help
+    assert d.code == "E0201" and "registered methods: evopress, gptq, rtn" in d.help
 
 
 def test_verb_without_passes_is_a_check_time_error(monkeypatch):

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["foundation", "quantize", "prune", "compensate", "adapters", "merge", "attention",
-         "kernels", "inference", "deploy", "training"]
+ORDER = ["foundation", "quantize", "prune", "compensate", "evopress", "adapters", "merge",
+         "attention", "kernels", "inference", "deploy", "training"]
 
 HEADER = """# Benchmark results
 

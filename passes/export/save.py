@@ -37,6 +37,22 @@ class Save(ModelPass):
         tokenizer = prov.tokenizer if prov is not None else None
         with ctx.progress.task(f"saving {self.params.path}"):
             emit.save(ctx.model, self.params.path, manifest, tokenizer=tokenizer)
+            _write_step_files(prov, self.params.path)
         n = sum(p.numel() for p in ctx.model.parameters())
         return self.result(ctx, StepReport(modules=len(modules), parameters=n,
                                            metrics={"path": str(self.params.path)}))
+
+
+def _write_step_files(prov, path) -> None:
+    """Files earlier steps asked for beside the artifact (an EvoPress allocation chart ...);
+    a name used by two steps gets the step's line as a prefix on the later one."""
+    from pathlib import Path
+
+    if prov is None:
+        return
+    written: set[str] = set()
+    for rec in prov.steps:
+        for name, data in getattr(rec.report, "files", {}).items():
+            out = name if name not in written else f"line{rec.line}-{name}"
+            (Path(path) / out).write_bytes(data)
+            written.add(out)
