@@ -8,5 +8,6 @@ from surgery.passes import merge  # noqa: F401
 from surgery.passes import attention  # noqa: F401
 from surgery.passes import lower  # noqa: F401
 from surgery.passes import export  # noqa: F401
+from surgery.passes import train  # noqa: F401
 
-FAMILIES = ["quantize", "prune", "adapters", "merge", "attention", "lower", "export"]
+FAMILIES = ["quantize", "prune", "adapters", "merge", "attention", "lower", "export", "train"]
