@@ -157,7 +157,7 @@ def _resume(cfg: Settings, train: Trainable, opt, out: Outcome, progress) -> int
     if meta.get("fingerprint") != cfg.fingerprint:
         raise PassError(f"`{d}` holds a checkpoint of another training run",
                         hint="delete the directory, or give this run its own with "
-                             "checkpoint=\"DIR\"")
+                             "checkpoint=\"DIR\"", code="E0343")
     state = ckpt.load(d)
     with torch.no_grad():
         for name, p in zip(train.names, train.params):

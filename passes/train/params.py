@@ -34,6 +34,7 @@ class TrainParams(PassParams):
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every K steps")
     checkpoint: str | None = Field(None, description="checkpoint directory")
     log_every: int = Field(10, ge=1, description="steps between loss lines in the report")
+    evaluate: bool = Field(False, description="report held-out perplexity before and after")
 
 
 class LmParams(TrainParams):

@@ -75,6 +75,7 @@ class TrainPass(ModulePass):
                             f"than one batch of {p.batch}", code="E0341")
         loss_fn = self.loss_fn(ctx)
         settings = self._settings(ctx, train)
+        before = self._perplexity(ctx, model, data) if p.evaluate else None
         flags = freeze_except(model, train)
         try:
             outcome = loop.run(model, train, data.calibration, loss_fn, settings, seed=ctx.seed,
@@ -90,7 +91,18 @@ class TrainPass(ModulePass):
                 finalised += 1
         if settings.checkpoint_dir is not None:
             ckpt.remove(settings.checkpoint_dir)  # done: a rerun starts over
-        return self.result(ctx, self._report(targets, train, outcome, finalised, data))
+        report = self._report(targets, train, outcome, finalised, data)
+        if before is not None:
+            report.metrics["perplexity_before"] = round(before, 4)
+            report.metrics["perplexity_after"] = round(self._perplexity(ctx, model, data), 4)
+        return self.result(ctx, report)
+
+    @staticmethod
+    def _perplexity(ctx: RunContext, model: nn.Module, data) -> float:
+        from surgery.evaluate import perplexity
+
+        with ctx.progress.task(f"perplexity on `{data.name}`'s evaluation split"):
+            return perplexity(model, data.evaluation)
 
     def _settings(self, ctx: RunContext, train) -> loop.Settings:
         p: TrainParams = self.params
