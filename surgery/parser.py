@@ -36,7 +36,7 @@ MAX_NUMBER_DIGITS = 40  # longer numerals are refused with E0105 (int() of huge 
 _TERMINAL_TEXT = {
     "NAME": "a name", "STRING": "a string", "NUMBER": "a number", "VERB": "a verb",
     "PATH_VERB": "a verb",
-    "PREP": "`to`/`in`/`for`/`with`/`into`", "USING": "`using`", "STEPS": "`steps`", "COMPARE": "a comparison",
+    "PREP": "`to`/`in`/`for`/`with`/`into`/`on`", "USING": "`using`", "STEPS": "`steps`", "COMPARE": "a comparison",
     "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "COMMA": "`,`", "EQUAL": "`=`",
     "COLON": "`:`", "PERCENT": "`%`", "OR": "`|`", "AND": "`&`", "PLUS": "`+`", "MINUS": "`-`",
     "MULOP": "`*` or `/`", "TRUE": "`true`", "FALSE": "`false`", "$END": "end of statement",
