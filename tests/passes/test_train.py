@@ -26,17 +26,17 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def tiny(tokenizer) -> LoadedModel:
+def tiny(tokenizer, **config) -> LoadedModel:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
+    model = LlamaForCausalLM(tiny_llama_config(**config))
     model.eval()
     return LoadedModel(model, "python:tiny", tokenizer=tokenizer)
 
 
-def run(tokenizer, body: str, seed: int = 0):
-    return surgery.compile("surgery 1\n" + DATA + body).apply(tiny(tokenizer), seed=seed)
+def run(tokenizer, body: str, seed: int = 0, **config):
+    return surgery.compile("surgery 1\n" + DATA + body).apply(tiny(tokenizer, **config), seed=seed)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -236,11 +236,13 @@ def test_cce_and_full_logit_training_curves_agree(tokenizer):
 
 
 def test_distillation_from_the_original_pulls_towards_the_teacher(tokenizer):
+    # Large initial weights make the random model's distributions peaked, so pruning half of
+    # the MLP weights moves them visibly away from the teacher's.
     body = ('prune modules("**.mlp.*_proj") to 2:4\n'
             "train modules(\"**.mlp.*_proj\") on calib for 10 steps using distill(teacher=original, "
-            "temperature=2, lr=0.01, batch=4, evaluate=true)\n")
-    m = train_step(run(tokenizer, body)).report.metrics
-    assert m["loss_last"] < 0.7 * m["loss_first"]
+            "temperature=1, lr=0.003, batch=4, evaluate=true)\n")
+    m = train_step(run(tokenizer, body, initializer_range=0.3)).report.metrics
+    assert m["loss_last"] < 0.9 * m["loss_first"]
     assert m["perplexity_after"] < m["perplexity_before"]
 
 
