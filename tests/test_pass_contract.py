@@ -28,6 +28,7 @@ GRANULARITY = {
     "merge/dare_ties": "tensor", "merge/dare_linear": "tensor",
     "merge/pleas": "model", "merge/weight_matching": "model",
     "export/onnx": "model", "export/peft": "tensor", "save/surgery": "tensor",
+    "train/lm": "model", "train/distill": "model",
 }
 
 
@@ -123,6 +124,8 @@ USE = {
     "merge/widen": "merge a, b into a using widen()",
     "merge/pleas": "merge a, b using pleas(data=calib)",
     "merge/weight_matching": "merge a, b using weight_matching()",
+    "train/lm": 'train modules("**.q_proj") on calib for 1 step using lm(batch=2)',
+    "train/distill": 'train modules("**.q_proj") on calib for 1 step using distill(batch=2)',
 }
 # `merge adapters` needs the adapter on top of the refused state.
 BEFORE_USE = {"merge/adapters": MAKE[State.ADAPTED]}
