@@ -271,3 +271,22 @@ def test_learning_rate_schedule_and_data_order():
     first = order.indices(0, 10)
     assert sorted(first[:5]) == list(range(5)) and sorted(first[5:]) == list(range(5))
     assert loop.DataOrder(5, seed=0, key="k").indices(3, 4) == first[3:7]
+
+
+def test_qlora_run_trains_adapters_over_a_frozen_int8_base(tokenizer, tmp_path):
+    from surgery.passes.quantize.qlinear import QuantLinear
+
+    body = ('quantize modules("**.q_proj", "**.v_proj") to int8\n' + ADAPT +
+            "train adapters on calib for 4 steps using lm(lr=0.01, batch=4)\n"
+            f'export peft "{tmp_path / "peft"}"\n')
+    untrained = run(tokenizer, body.replace("for 4 steps", "for 1 step").replace("lr=0.01", "lr=1e-9"))
+    r = run(tokenizer, body)
+    bases = {n: m for n, m in r.model.named_modules() if isinstance(m, QuantLinear)}
+    ref = {n: m for n, m in untrained.model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(bases) == 4
+    for name, mod in bases.items():  # the packed base is untouched
+        for key, t in mod.state_dict().items():
+            assert torch.equal(t, ref[name].state_dict()[key]), (name, key)
+    trained, before = adapter_state(r.model), adapter_state(untrained.model)
+    assert any(not torch.equal(trained[k], before[k]) for k in trained)
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
