@@ -9,6 +9,11 @@ torch.cuda.max_memory_allocated over the same span. Methods alternate, medians a
     python benchmarks/training.py                      # batch 8 x 2048 on CPU
     python benchmarks/training.py --tokens 4096 --repeats 3
     python benchmarks/training.py --device cuda
+    python benchmarks/training.py --curves 100       # training curves, CCE vs full logits
+
+``--curves N`` trains a small random LLaMA with SmolLM2's tokenizer and vocabulary (49,152)
+through the `train` statement twice, `loss=cce` and `loss=full`, same seed and data, and compares
+the loss logs step by step.
 """
 
 from __future__ import annotations
@@ -71,6 +76,42 @@ def run(method: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+CURVE_SCRIPT = """surgery 1
+data calib = corpus("pydoc", samples=256, seqlen={seqlen}, eval_windows=4)
+train modules("**") on calib for {steps} steps using lm(lr=3e-3, batch={batch}, log_every=1, loss={loss})
+"""
+
+
+def curves(steps: int, batch: int, seqlen: int, threads: int) -> dict:
+    """Loss logs of the same training with Cut Cross-Entropy and with full logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import surgery
+    from surgery.models import LoadedModel, load_model
+
+    torch.set_num_threads(threads)
+    tokenizer = load_model("zoo:smollm2-135m").tokenizer
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    out = {}
+    for loss in ("cce", "full"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        script = CURVE_SCRIPT.format(steps=steps, batch=batch, seqlen=seqlen, loss=loss)
+        result = surgery.compile(script).apply(LoadedModel(model, "python:tiny-llama-49k",
+                                                           tokenizer=tokenizer), seed=0)
+        m = result.report.steps[-1].report.metrics
+        out[loss] = {"loss": [e["loss"] for e in m["loss_log"]], "seconds": m["seconds"]}
+    a, b = out["cce"]["loss"], out["full"]["loss"]
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    return {"steps": steps, "batch": batch, "seqlen": seqlen, "threads": threads,
+            "max_abs_diff": max(diffs), "final": {"cce": a[-1], "full": b[-1]},
+            "first": {"cce": a[0], "full": b[0]},
+            "seconds": {k: v["seconds"] for k, v in out.items()}, "curves": out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8 * 2048)
@@ -79,7 +120,22 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--curves", type=int, metavar="STEPS", help="compare training curves instead")
+    p.add_argument("--json", help="write the --curves result here")
     args = p.parse_args()
+    if args.curves:
+        r = curves(args.curves, batch=4, seqlen=64, threads=args.threads)
+        load = os.getloadavg()[0]
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, threads {args.threads}, "
+              f"load average {load:.1f}")
+        print(f"{r['steps']} steps, batch 4 x 64 tokens: first loss cce {r['first']['cce']:.6f} "
+              f"full {r['first']['full']:.6f}; final cce {r['final']['cce']:.6f} full "
+              f"{r['final']['full']:.6f}; max |difference| over the curve {r['max_abs_diff']:.2e}; "
+              f"seconds cce {r['seconds']['cce']} full {r['seconds']['full']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=1)
+        return
     results: dict[str, list[dict]] = {"full": [], "cce": []}
     for _ in range(args.repeats):
         for method in ("full", "cce"):  # interleaved

@@ -10,6 +10,7 @@ from surgery.passes import lower  # noqa: F401
 from surgery.passes import compensate  # noqa: F401
 from surgery.passes import export  # noqa: F401
 from surgery.passes import evo  # noqa: F401  (after prune and quantize: it extends both)
+from surgery.passes import train  # noqa: F401
 
 FAMILIES = ["quantize", "prune", "adapters", "merge", "attention", "lower", "compensate", "export",
-            "evo"]
+            "evo", "train"]

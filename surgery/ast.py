@@ -72,6 +72,14 @@ class Percent(Node):
     text: str
 
 
+class Count(Node):
+    """A step count, written `200 steps` (or `1 step`)."""
+
+    kind: Literal["count"] = "count"
+    value: int
+    text: str  # the number as written
+
+
 class ListExpr(Node):
     kind: Literal["list"] = "list"
     items: list["Expr"]
@@ -109,7 +117,7 @@ class Neg(Node):
     operand: "Expr"
 
 
-Expr = Union[Name, String, Number, Bool, Ratio, Percent, ListExpr, Call, BinOp, Neg]
+Expr = Union[Name, String, Number, Bool, Ratio, Percent, Count, ListExpr, Call, BinOp, Neg]
 
 
 # ---------------------------------------------------------------- statements

@@ -30,7 +30,7 @@ def _new(cls, **fields):
 
 _DEFAULTS = {cls: {name: (None if f.is_required() else f.default)
                    for name, f in cls.model_fields.items()}
-             for cls in (ast.Name, ast.String, ast.Number, ast.Bool, ast.Ratio, ast.Percent,
+             for cls in (ast.Name, ast.String, ast.Number, ast.Bool, ast.Ratio, ast.Percent, ast.Count,
                      ast.ListExpr, ast.Keyword, ast.Call, ast.BinOp, ast.Neg, ast.VersionStmt, ast.ModelStmt,
                      ast.DataStmt, ast.LetStmt, ast.ExpectStmt, ast.Clause, ast.VerbStmt)}
 

@@ -288,6 +288,8 @@ def _check_states(pass_obj, step: Step, modules: dict[str, nn.Module],
         for st, line in have.items():
             if st not in cls.accepts and st not in cls.requires:
                 bad.setdefault(("refused", st, line), []).append(path)
+            elif not cls.accepts_only_with.get(st, frozenset()) <= set(have):
+                bad.setdefault(("refused", st, line), []).append(path)  # QLoRA: only through adapters
     diags = []
     lines = {s.line: s for s in program.steps}
     for (kind, st, line), paths in bad.items():

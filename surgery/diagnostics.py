@@ -188,6 +188,11 @@ class Code(str, enum.Enum):
     E0403 = "E0403"
     E0404 = "E0404"
     # state order
+    E0340 = "E0340"
+    E0341 = "E0341"
+    E0342 = "E0342"
+    E0343 = "E0343"
+
     E0500 = "E0500"
     # models and files
     E0600 = "E0600"
@@ -255,6 +260,10 @@ TITLES: dict[Code, str] = {
     Code.E0402: "shape or divisibility error",
     Code.E0403: "invalid or unsafe glob or regular expression",
     Code.E0404: "regular expression too slow to match",
+    Code.E0340: "nothing to train",
+    Code.E0341: "training data smaller than one batch",
+    Code.E0342: "teacher is not a declared model",
+    Code.E0343: "training checkpoint belongs to another run",
     Code.E0500: "illegal order of passes",
     Code.E0600: "model cannot be loaded",
     Code.E0601: "pickle file refused",

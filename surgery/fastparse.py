@@ -179,6 +179,11 @@ class _Parser:
             value = float(self.number_text(t))
             if not math.isfinite(value):
                 raise Fallback
+            if nxt[0] == "word" and nxt[1] in ("step", "steps"):  # `200 steps`
+                if not text.isdigit():
+                    raise Fallback  # lark reports it
+                self.i += 1
+                return _new(ast.Count, value=int(text), text=text, span=self.span(s, nxt[3])), s, nxt[3]
             if nxt[0] == "punct" and nxt[1] == "%":
                 self.i += 1
                 return _new(ast.Percent, value=value, text=text, span=self.span(s, nxt[3])), s, nxt[3]

@@ -36,7 +36,8 @@ MAX_NUMBER_DIGITS = 40  # longer numerals are refused with E0105 (int() of huge 
 _TERMINAL_TEXT = {
     "NAME": "a name", "STRING": "a string", "NUMBER": "a number", "VERB": "a verb",
     "PATH_VERB": "a verb",
-    "PREP": "`to`/`in`/`for`/`with`/`into`/`of`", "USING": "`using`", "COMPARE": "a comparison",
+    "PREP": "`to`/`in`/`for`/`with`/`into`/`of`/`on`", "USING": "`using`", "STEPS": "`steps`",
+    "COMPARE": "a comparison",
     "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "COMMA": "`,`", "EQUAL": "`=`",
     "COLON": "`:`", "PERCENT": "`%`", "OR": "`|`", "AND": "`&`", "PLUS": "`+`", "MINUS": "`-`",
     "MULOP": "`*` or `/`", "TRUE": "`true`", "FALSE": "`false`", "$END": "end of statement",
@@ -196,6 +197,14 @@ class _ToAst(Transformer_NonRecursive):
     def percent(self, meta, children):
         text = self._number_text(children[0])
         return ast.Percent(value=self._finite(text, meta), text=text, span=self._span(meta))
+
+    @v_args(meta=True)
+    def count(self, meta, children):
+        text = self._number_text(children[0])
+        if not text.isdigit():
+            raise _AstError(Diagnostic(Code.E0211, f"`{text} steps` is not a whole number of steps",
+                                       self._span(meta), help="write a whole number, e.g. `200 steps`"))
+        return ast.Count(value=int(text), text=text, span=self._span(meta))
 
     @v_args(meta=True)
     def boolean(self, meta, children):

@@ -99,6 +99,18 @@ class CallValue(BaseModel):
 DATA_REF = "surgery:data-ref"
 DataRef = Annotated[str, DATA_REF]
 
+# A parameter that names a declared model, or the word `original` (the subject as loaded, before
+# any step), is annotated `ModelRef`: the checker verifies the name (E0342).
+MODEL_REF = "surgery:model-ref"
+ORIGINAL = "original"
+ModelRef = Annotated[str, MODEL_REF]
+
+# RunContext.extras keys the runner fills: the subject before any step (when a parameter names
+# `original`), the output path of the run, and the script text.
+ORIGINAL_MODEL = "surgery:original-model"
+OUTPUT = "surgery:output"
+SCRIPT = "surgery:script"
+
 
 def _names_data(annotation: Any) -> bool:
     if get_origin(annotation) is Annotated:
@@ -127,6 +139,16 @@ class StepReport:
             "notes": self.notes,
             "per_module": self.per_module,
         }
+
+
+@dataclass
+class DeclarationProblem:
+    """A `Pass.check_declarations` finding: ``field`` names the parameter to point at."""
+
+    code: str
+    message: str
+    field: str | None = None
+    hint: str | None = None
 
 
 class Problem(str):
@@ -167,7 +189,7 @@ class PassError(Exception):
         self.message = message
         self.module = module
         self.hint = hint
-        self.code = code
+        self.code = code  # a more precise diagnostic code than E0801 (pass failed), if any
 
 
 class Granularity(str, enum.Enum):
@@ -254,6 +276,10 @@ class Pass:
     # States added to / removed from every target module.
     produces: ClassVar[frozenset[State]] = frozenset()
     consumes: ClassVar[frozenset[State]] = frozenset()
+    # Accepted states that are accepted only together with others: {QUANTIZED: {ADAPTED}} lets
+    # `train` reach a quantized layer through its adapter (QLoRA) but never directly. Refused
+    # otherwise, with the reason from ``refusals``.
+    accepts_only_with: ClassVar[dict[State, frozenset[State]]] = {}
     # Why a given state is refused, for the diagnostic (state -> reason).
     refusals: ClassVar[dict[State, str]] = {}
     # Params fields the statement itself fills (`to int4` -> format); must equal what the verb
@@ -267,6 +293,11 @@ class Pass:
 
     def __init__(self, params: PassParams):
         self.params = params
+
+    @classmethod
+    def model_fields_named(cls) -> list[str]:
+        """Names of parameters annotated `ModelRef` (a declared model or `original`)."""
+        return [name for name, f in cls.Params.model_fields.items() if MODEL_REF in f.metadata]
 
     @classmethod
     def data_fields(cls) -> list[str]:
@@ -289,6 +320,12 @@ class Pass:
         self._ensure_states(result.model, targets, result)
         self.ensures(result.model, targets, result)
         return result
+
+    @classmethod
+    def check_declarations(cls, params: PassParams, program: Any) -> list[DeclarationProblem]:
+        """Check-time problems of ``params`` against the script's declarations (``program`` is
+        the CheckedProgram so far: its ``data`` and ``models``). Default: none."""
+        return []
 
     def check_module(self, path: str, module: "nn.Module") -> str | None:
         """Precondition on one target (works on meta tensors): the reason it cannot be applied,

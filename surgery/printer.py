@@ -22,6 +22,8 @@ def expr_text(e: ast.Expr, parent: int = 0) -> str:
         return f"{e.n}:{e.m}"
     if isinstance(e, ast.Percent):
         return f"{e.text}%"
+    if isinstance(e, ast.Count):
+        return f"{e.text} {'step' if e.value == 1 else 'steps'}"
     if isinstance(e, ast.ListExpr):
         return "[" + ", ".join(expr_text(x) for x in e.items) + "]"
     if isinstance(e, ast.Call):

@@ -7,6 +7,7 @@ installs it for the next step. Outputs (`export`, `save`) run only once every ex
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from surgery.emit import PROVENANCE, Provenance, input_hashes
 from surgery.expectations import ExpectationRecord
 from surgery.models import LoadedModel, load_model, load_skeleton
 from surgery.outputs import check_output
-from surgery.passapi import PassError, RunContext, StepReport, leaves
+from surgery.passapi import (OUTPUT, ORIGINAL, ORIGINAL_MODEL, SCRIPT, PassError, RunContext,
+                             StepReport, leaves)
 from surgery.progress import Progress
 
 @dataclass
@@ -95,6 +97,7 @@ def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Prog
     needed: set[str] = set()
     for step in program.steps:
         needed |= set(getattr(step.params, "models", None) or [])
+        needed |= set(model_refs(step)) - {ORIGINAL}  # e.g. distill(teacher=NAME)
         if getattr(step.params, "base", None):
             needed.add(step.params.base)
     name = program.subject.name if program.subject else "model"
@@ -110,6 +113,12 @@ def load_models(program: CheckedProgram, subject: LoadedModel, *, progress: Prog
             except SurgeryError as e:
                 raise attach_source(e, program.source, decl.span)
     return out
+
+
+def model_refs(step) -> list[str]:
+    """Model names a step's parameters refer to (`ModelRef` fields: a teacher ...)."""
+    return [v for f in step.pass_cls.model_fields_named()
+            if isinstance(v := getattr(step.params, f, None), str)]
 
 
 def plan_for(program: CheckedProgram, loaded: dict[str, LoadedModel]) -> Plan:
@@ -153,9 +162,13 @@ class Runner:
         for exp in program.expectations:
             with self.progress.task(f"measuring {exp.metric} before (line {exp.line})"):
                 before[exp.line] = expectations.measure_before(exp, plan.model, data)
+        extras = {PROVENANCE: prov, OUTPUT: output or program.save_path,
+                  SCRIPT: program.source.text if program.source else ""}
+        if any(ORIGINAL in model_refs(s) for s in program.steps):  # e.g. distill(teacher=original)
+            extras[ORIGINAL_MODEL] = copy.deepcopy(plan.model).eval()
         ctx = RunContext(model=plan.model, models=models, data=data, progress=self.progress,
                          seed=self.seed, model_sources={n: lm.source for n, lm in loaded.items()},
-                         extras={PROVENANCE: prov})
+                         extras=extras)
         rows = _with_output(plan.steps, output)
         for row in (r for r in rows if not r.step.pass_cls.is_output):
             ctx = self._step(row, ctx, report, subject_name)

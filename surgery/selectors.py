@@ -181,6 +181,28 @@ class Everything(Selector):
 
 
 @dataclass(frozen=True)
+class StateSel(Selector):
+    """The modules that carry a state (``"adapted"``): the implicit selector of a form such as
+    `train adapters`. Matching nothing is reported as E0340: there is nothing of that kind."""
+
+    state: str
+
+    def matches(self, model, names):
+        from surgery.passapi import State, carried_states
+
+        st = State(self.state)
+        return {n for n in names if st in carried_states(model.get_submodule(n))}
+
+    def problems(self, model, names):
+        if self.matches(model, names):
+            return []
+        return [Diagnostic("E0340", f"nothing to train: no module is {self.state} at this point",
+                           self.span, help="attach adapters earlier in the script, e.g. "
+                           "`adapt modules(\"**.q_proj\") with lora(r=8)`, or name the modules "
+                           "to train with a selector")]
+
+
+@dataclass(frozen=True)
 class SetOp(Selector):
     op: str
     left: Selector

@@ -32,6 +32,7 @@ class Slot(str, enum.Enum):
     OPTIONS = "options"  # NAME(key=value, ...) repeating the method named in another clause
     PATH = "path"  # a string -> a str field
     LITERAL = "literal"  # a fixed word that selects the form (`merge adapters`)
+    COUNT = "count"  # a step count written `200 steps` -> an int field
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ class VerbSpec:
     # A second operand right after the head with no comma between them (export onnx "x.onnx").
     tail: Part | None = None
     method: str | None = None  # a form whose method is fixed (merge adapters)
-    # The selector when the statement has none: "everything" (lower, merge adapters), or None
-    # for model passes (merge, export, save), which act on the whole model.
+    # The selector when the statement has none: "everything" (lower, merge adapters), a module
+    # state such as "adapted" (`train adapters`: the modules carrying it), or None for model
+    # passes (merge, export, save), which act on the whole model.
     default_selector: str | None = None
 
     @property
@@ -84,6 +86,10 @@ class VerbSpec:
 
 _SELECTOR = Part(Slot.SELECTOR, what="a selector")
 _METHOD_OPT = Part(Slot.METHOD, required=False, what="a method")
+# `train ... on DATA for N steps using METHOD(...)`: both forms of `train` share these.
+_TRAIN_CLAUSES = {"on": Part(Slot.WORD, "data", what="a data declaration name, e.g. calib"),
+                  "for": Part(Slot.COUNT, "steps", what="a step count such as `200 steps`")}
+_TRAIN_METHOD = Part(Slot.METHOD, what="a training method such as lm(lr=5e-4) or distill(...)")
 
 VERBS: tuple[VerbSpec, ...] = (
     VerbSpec("quantize", _SELECTOR,
@@ -123,6 +129,12 @@ VERBS: tuple[VerbSpec, ...] = (
              {"of": Part(Slot.SELECTOR, what="a selector of decoder blocks")},
              using=_METHOD_OPT, usage="drop N of SELECTOR [using evopress(...)|cosine(...)]",
              summary="remove whole decoder blocks and renumber the rest"),
+    VerbSpec("train", Part(Slot.LITERAL, word="adapters"), _TRAIN_CLAUSES, using=_TRAIN_METHOD,
+             usage="train adapters on DATA for N steps using lm(...)|distill(...)",
+             summary="train the adapters attached by `adapt`", default_selector="adapted"),
+    VerbSpec("train", _SELECTOR, _TRAIN_CLAUSES, using=_TRAIN_METHOD,
+             usage="train SELECTOR on DATA for N steps using lm(...)|distill(...)",
+             summary="heal by training: fine-tune, distil, sparse-train"),
     VerbSpec("export", Part(Slot.METHOD, what="a format such as onnx or peft"),
              tail=Part(Slot.PATH, "path", what='a path string such as "out/model.onnx"'),
              usage='export FORMAT[(...)] "PATH"', summary="write another artifact format"),

@@ -32,6 +32,7 @@ GRANULARITY = {
     "export/gguf": "tensor",
     "prune/evopress": "model", "quantize/evopress": "model", "prune/owl": "block",
     "drop/cosine": "model", "drop/evopress": "model",
+    "train/lm": "model", "train/distill": "model",
 }
 
 
@@ -135,6 +136,8 @@ USE = {
     "quantize/evopress": 'quantize modules("**.q_proj") to int6 using evopress(levels=[4, 8], '
                          f"method=rtn(group=32), data=calib, {_FAST_SEARCH})",
     "prune/owl": 'prune modules("**.q_proj") to 50% using owl(method=wanda, data=calib)',
+    "train/lm": 'train modules("**.q_proj") on calib for 1 step using lm(batch=2)',
+    "train/distill": 'train modules("**.q_proj") on calib for 1 step using distill(batch=2)',
 }
 # `merge adapters` needs the adapter on top of the refused state.
 BEFORE_USE = {"merge/adapters": MAKE[State.ADAPTED]}

@@ -42,7 +42,7 @@ def test_every_pass_declares_the_fields_its_verb_fills():
 
 def test_keywords_and_usage_come_from_the_table():
     assert parser.statement_keywords()[-len(verbs.verb_names()):] == verbs.verb_names()
-    assert set(verbs.prepositions()) == {"to", "with", "in", "for", "into", "of"}  # of: drop
+    assert set(verbs.prepositions()) == {"to", "with", "in", "for", "into", "of", "on"}  # of: drop
     assert verbs.usage("merge") == ("usage: merge adapters [in SELECTOR]  or  "
                                     "merge A, B [into BASE] using METHOD(...)")
 

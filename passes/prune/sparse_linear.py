@@ -129,14 +129,19 @@ def finalize_sparse_training(model: nn.Module) -> int:
     count = 0
     for mod in model.modules():
         if isinstance(mod, SparseLinear) and mod.training_config is not None:
-            with torch.no_grad():
-                keep = nm_keep(mod.weight.abs(), mod.n, mod.m)
-                mod.weight.mul_(keep)
-                mod.weight_mask.copy_(keep)
-            mod.training_config = None
-            del mod._buffers["sparse_step"]
+            finalize_layer(mod)
             count += 1
     return count
+
+
+def finalize_layer(mod: SparseLinear) -> None:
+    """Bake the final N:M mask into one sparse-training layer and drop its schedule."""
+    with torch.no_grad():
+        keep = nm_keep(mod.weight.abs(), mod.n, mod.m)
+        mod.weight.mul_(keep)
+        mod.weight_mask.copy_(keep)
+    mod.training_config = None
+    del mod._buffers["sparse_step"]
 
 
 def set_training_step(model: nn.Module, step: int) -> None:

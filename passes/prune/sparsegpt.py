@@ -7,14 +7,17 @@ never weight values, so the OBS update would not match the refined mask.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from surgery.passapi import NM, DataRef, PassError, StepReport
 from surgery.passes.calib import HessianError, prepare_hessian
 from surgery.registry import register
 
-from .base import PrunePass, PruneParams
+from .base import PrunePass, PruneParams, _call_to_dict
+from .training import METHODS, TrainingConfig, sdgf_patterns
 from .masks import nm_keep, row_keep
 from .sparsegpt_core import sparsegpt
 
@@ -23,6 +26,25 @@ class SparseGPTParams(PruneParams):
     data: DataRef
     block: int = 128
     damp: float = 0.01
+    # training=mdgf(...)|sdgf(...)|srste(...)|ste(): keep SparseGPT's updated weights and mask as
+    # the starting point of N:M sparse training (`train SEL ...` runs it, then fixes the mask).
+    training: TrainingConfig | None = None
+
+    @field_validator("training", mode="before")
+    @classmethod
+    def _training(cls, v: Any) -> Any:
+        return _call_to_dict(v, METHODS, "training schedule")
+
+    @model_validator(mode="after")
+    def _training_combos(self) -> "SparseGPTParams":
+        if self.training is not None:
+            if not isinstance(self.sparsity, NM):
+                raise ValueError("sparse training schedules need an N:M target such as 2:4")
+            if self.refine is not None:
+                raise ValueError("refine and training cannot be combined")
+            if self.training.method == "sdgf":
+                sdgf_patterns(self.training.structure, self.sparsity.n, self.sparsity.m)
+        return self
 
     @field_validator("block")
     @classmethod
@@ -61,7 +83,8 @@ class SparseGPTPrune(PrunePass):
                     if p.refine is None:
                         Wn, keep = sparsegpt(W, H, n=n, m=m, fraction=frac, blocksize=p.block,
                                              percdamp=p.damp)
-                        self.install(ctx, path, keep, weight=Wn, report=report)
+                        self.install(ctx, path, keep, weight=Wn, report=report,
+                                     training=p.training)
                         continue
                     Wf, Hinv, _, _ = prepare_hessian(H, W.clone().float(), p.damp)
                 except HessianError as e:

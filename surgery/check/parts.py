@@ -120,9 +120,14 @@ def _value(cx, stmt, part, ops):
     return to_value(ops[0])
 
 
+def _count(cx, stmt, part, ops):
+    return ops[0].value if isinstance(ops[0], ast.Count) else _wrong(cx, part, ops[0], stmt)
+
+
 _READERS = {Slot.SELECTOR: _selector, Slot.WORD: _word, Slot.WORDS: _words,
             Slot.PATTERN: _pattern, Slot.MODELS: _model_names, Slot.MODEL: _model,
             Slot.METHOD: _method, Slot.OPTIONS: _method, Slot.PATH: _path,
-            Slot.LITERAL: _literal, Slot.VALUE: _value}
+            Slot.LITERAL: _literal, Slot.VALUE: _value,
+            Slot.COUNT: _count}
 
 

@@ -14,7 +14,8 @@ from surgery.check.parts import Reading, read_part
 from surgery.check.program import Checking, Step
 from surgery.check.values import to_value
 from surgery.diagnostics import Code, Label, did_you_mean
-from surgery.selectors import Everything
+from surgery.passapi import ORIGINAL
+from surgery.selectors import Everything, StateSel
 from surgery.source import Span
 from surgery.verbs import VerbSpec
 
@@ -47,6 +48,8 @@ def check_statement(cx: Checking, stmt: ast.VerbStmt) -> None:
         return
     if read.selector is None and spec.default_selector == "everything":
         read.selector = Everything(stmt.span)
+    elif read.selector is None and spec.default_selector is not None:  # e.g. `train adapters`
+        read.selector = StateSel(stmt.span, spec.default_selector)
     params = _params(cx, stmt, spec, cls, read)
     if params is not None:
         cx.out.steps.append(Step(stmt, stmt.verb, cls.method, cls, params, read.selector,
@@ -168,9 +171,24 @@ def _params(cx: Checking, stmt: ast.VerbStmt, spec: VerbSpec, cls, read: Reading
                    help=did_you_mean(ref, cx.out.data)
                    or 'declare it with `data NAME = corpus("pydoc", samples=64, seqlen=256)`')
             return None
+    for name in cls.model_fields_named():
+        ref = values.get(name)
+        if isinstance(ref, str) and ref != ORIGINAL and ref not in cx.out.models:
+            cx.add(Code.E0342, f"`{name}={ref}` is neither a declared model nor `{ORIGINAL}`",
+                   spans.get(name, stmt.span),
+                   help=did_you_mean(ref, [ORIGINAL, *cx.out.models], listing="models")
+                   or f'use `{ORIGINAL}` (the model before surgery) or declare it with '
+                      f'`model {ref} = "hf:DIR"`')
+            return None
     anchor = read.method.span if read.method is not None and read.method.kwargs else stmt.span
     codes = {f: Code.E0303 for f in spec.fields if f in ("format", "sparsity")}
-    return param_check.validate(cx, cls.Params, cls.method, values, spans, anchor, codes)
+    params = param_check.validate(cx, cls.Params, cls.method, values, spans, anchor, codes)
+    if params is not None:  # checks against the declarations (`train`: data vs batch size)
+        for problem in cls.check_declarations(params, cx.out):
+            cx.add(problem.code, problem.message, spans.get(problem.field, stmt.span),
+                   help=problem.hint)
+            params = None
+    return params
 
 
 def _check_nested_data(cx: Checking, kw: ast.Keyword) -> None:

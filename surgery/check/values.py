@@ -19,7 +19,7 @@ class ValueProblem(Exception):
 def describe(expr: ast.Expr) -> str:
     """An AST value kind in English, for 'expected X, got Y' messages."""
     return {"name": "a name", "string": "a string", "number": "a number", "bool": "a boolean",
-            "ratio": "an N:M pattern", "percent": "a percentage", "list": "a list",
+            "ratio": "an N:M pattern", "percent": "a percentage", "count": "a step count", "list": "a list",
             "call": "a call", "binop": "an expression", "neg": "a number"}[expr.kind]
 
 
@@ -32,6 +32,8 @@ def to_value(expr: ast.Expr) -> Any:
         return NM(n=expr.n, m=expr.m)
     if isinstance(expr, ast.Percent):
         return Percent(value=expr.value)
+    if isinstance(expr, ast.Count):
+        return expr.value
     if isinstance(expr, ast.Name):
         return expr.id
     if isinstance(expr, ast.ListExpr):
