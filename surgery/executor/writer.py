@@ -78,7 +78,11 @@ class ShardWriter:
         self._entries, self._size = {}, 0
 
     def _write(self, data: memoryview) -> None:
-        self._guard(lambda: self._f.write(data), self.parts[-1])
+        self._guard(lambda: self._raw_write(data), self.parts[-1])
+
+    def _raw_write(self, data: memoryview) -> None:
+        """The one place tensor bytes reach the file (tests inject disk-full errors here)."""
+        self._f.write(data)
 
     def _close_part(self) -> None:
         path = self.parts[-1]
