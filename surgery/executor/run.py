@@ -144,8 +144,7 @@ class StreamRunner:
         path = Path(str(save.step.params.path))
         from surgery.outputs import check_output
 
-        check_output(self.program, str(path), self.plan.result if self.plan.result is not None
-                     else self.model, claim=True)
+        check_output(self.program, str(path), self.model, claim=True, dtypes=self.stored)
         with atomic_dir(path) as tmp:
             self._open_writers(tmp)
             try:
