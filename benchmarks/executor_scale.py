@@ -75,6 +75,7 @@ def main() -> int:
            "estimate_error_pct": round(100 * (st["estimate"]["host_streamed_bytes"]
                                               / st["peak_rss_bytes"] - 1), 1),
            "wall_s": round(wall, 1), "run_s": round(st["seconds"], 1),
+           "cpu_s": round(st.get("cpu_seconds", 0.0), 1),
            "blocks": st["blocks"], "mean_block_s": round(sum(blocks) / len(blocks), 2)
            if blocks else None, "output_gb": round(size / 1e9, 3)}
     if "peak_device_bytes" in st:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -61,7 +60,6 @@ def try_stream(program, model, opts: Options, *, seed: int, output, progress):
     """Run ``program`` streamed and return its Result, or None when the in-memory path is the
     one to take (auto mode, the model fits). Plan-time checks come first: nothing is read or
     written before the budget, the device and the schedule are known to work."""
-    from surgery.atomic import release_all  # noqa: F401 - the CLI releases locks
     from surgery.diagnostics import attach_source
     from surgery.executor.entry import check_budget, plan_estimate, should_stream
     from surgery.executor.run import StreamOptions, StreamRunner

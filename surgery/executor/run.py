@@ -28,7 +28,7 @@ from surgery.executor.checkpoint import Checkpoint
 from surgery.executor.residency import Resident, Unit, empty_model, plan_units
 from surgery.executor.schedule import Stages, stages
 from surgery.executor.writer import DEFAULT_SHARD, ShardWriter
-from surgery.passapi import PassError, RunContext, StepReport, leaves
+from surgery.passapi import PassError, RunContext, StepReport
 from surgery.progress import Progress
 
 
@@ -164,7 +164,9 @@ class StreamRunner:
         report.outputs.append(str(path))
         report.steps.append(StepRecord(save.line, save.text, "save", save.step.method, 0.0,
                                        StepReport(metrics={"path": str(path)})))
+        ru = resource.getrusage(resource.RUSAGE_SELF)
         self.stats.update(seconds=time.perf_counter() - t_start, peak_rss_bytes=peak_rss(),
+                          cpu_seconds=ru.ru_utime + ru.ru_stime,
                           units=len(self.units), blocks=len(self.blocks))
         if self.opt.device.type == "cuda":
             self.stats["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.opt.device)
