@@ -62,7 +62,7 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
     merges = [r for r in rows if is_streamable_merge(r.step.pass_cls, r.step.params)]
     heavy = [r for r in rows if r.step.verb in ("quantize", "prune")]
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
-    calib = 0
+    calib, captured = 0, 0
     for r in calib_rows:
         for n in r.step.pass_cls.data_fields():
             d = data.get(getattr(r.step.params, n, None))
@@ -74,6 +74,7 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
             # block inputs and outputs of every sample, and one batch inside the MLP
             calib = max(calib, 2 * samples * d.seqlen * hidden * 4
                         + 3 * batch * d.seqlen * inter * 4)
+            captured = max(captured, samples * d.seqlen * hidden * 4)
     costs, total, largest_unit = [], 0, 0
     for u in units:
         seen, params, biggest = set(), 0, 0
@@ -87,7 +88,11 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
         largest_unit = max(largest_unit, 4 * params)
         touched = [p for r in rows for p in r.modules if _inside(p, u)]
         in_calib = u.is_block and bool(calib_rows)
-        if not touched and not merges and not in_calib:
+        # the calibration forward runs the embeddings (onloaded in fp32 for the capture)
+        embeds = bool(calib_rows) and any(isinstance(m, nn.Embedding) for p in u.paths
+                                          for m in (model.get_submodule(p) if p else
+                                                    model).modules())
+        if not touched and not merges and not in_calib and not embeds:
             costs.append(stored_bytes * biggest)  # copied through, one tensor at a time
             continue
         cost = 4 * params + stored_bytes * biggest
@@ -100,6 +105,8 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
             mods = [m for m in model.get_submodule(u.paths[0]).modules()
                     if isinstance(m, nn.Linear)]
             cost += sum(4 * m.in_features ** 2 for m in mods) + calib  # Hessians, activations
+        if embeds:
+            cost += captured  # the captured block inputs, while the embeddings are resident
         costs.append(cost)
     peak_unit = max(costs, default=0)
     parts = {"base": BASE, "peak_unit": peak_unit, "largest_unit_fp32": largest_unit,
