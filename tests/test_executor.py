@@ -324,3 +324,17 @@ def test_in_memory_save_shards_above_max_shard_size(ckpt, tmp_path):
     ids = torch.randint(0, 256, (1, 8))
     assert torch.equal(surgery.load(tmp_path / "one")(ids).logits,
                        surgery.load(tmp_path / "many")(ids).logits)
+
+
+def test_auto_streams_when_the_in_memory_estimate_exceeds_the_budget(ckpt, tmp_path, capsys):
+    s = _script(tmp_path, RTN.format(ckpt=ckpt))
+    assert main(["plan", str(s), "--format", "json"]) == 0
+    est = json.loads(capsys.readouterr().out)["memory"]
+    between = (est["host_streamed_bytes"] + est["host_in_memory_bytes"]) // 2
+    assert main(["apply", str(s), "-o", str(tmp_path / "a"), "--format", "json",
+                 "--max-memory", str(between)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["streamed"]["estimate"]["host_streamed_bytes"] == est["host_streamed_bytes"]
+    assert main(["apply", str(s), "-o", str(tmp_path / "b"), "--format", "json"]) == 0
+    assert "streamed" not in json.loads(capsys.readouterr().out)  # fits: in memory
+    _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
