@@ -216,6 +216,11 @@ class Code(str, enum.Enum):
     E0811 = "E0811"
     E0812 = "E0812"
     E0813 = "E0813"
+    # resources: memory budgets, devices, what can stream (surgery/executor)
+    E0900 = "E0900"
+    E0901 = "E0901"
+    E0902 = "E0902"
+    E0903 = "E0903"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -283,6 +288,10 @@ TITLES: dict[Code, str] = {
     Code.E0811: "architecture not supported by this export",
     Code.E0812: "tokenizer cannot be written to GGUF",
     Code.E0813: "model cannot be exported with a KV cache",
+    Code.E0900: "memory budget below one block",
+    Code.E0901: "device unavailable",
+    Code.E0902: "step cannot be streamed",
+    Code.E0903: "expectation not evaluated in a streamed run",
 }
 
 # Kept for callers that want code -> title as plain strings.

@@ -64,6 +64,9 @@ class LoadedModel:
     config: dict | None = None  # HF config as a dict (None for plain modules)
     files: list[Path] = field(default_factory=list)  # input files, hashed into the manifest
     is_skeleton: bool = False
+    # The dtype each tensor is stored in on disk (safetensors headers): the model computes in
+    # fp32, and saving writes untouched tensors back in their stored dtype.
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def kind(self) -> ModelKind:
@@ -267,7 +270,22 @@ def load_skeleton(source: str, *, structural: bool = True,
         scheme, rest = parse_source(source)
         model = build_skeleton(config, source_dir(scheme, rest) if scheme != "zoo" else None)
         skeleton.store(config, model)
-    return LoadedModel(model, source, None, config, [], is_skeleton=True)
+    return LoadedModel(model, source, None, config, [], is_skeleton=True,
+                       stored_dtypes=_stored_dtypes_of(source))
+
+
+def _stored_dtypes_of(source: str) -> dict[str, torch.dtype]:
+    """The stored dtype of each tensor of an `hf:` checkpoint (safetensors headers only), so the
+    plan's output-size check counts bf16 weights as written in bf16."""
+    scheme, rest = parse_source(source)
+    if scheme != "hf":
+        return {}
+    from surgery.executor.checkpoint import stored_dtypes
+
+    try:
+        return stored_dtypes(sorted(Path(rest).expanduser().glob("*.safetensors")))
+    except SurgeryError:  # a corrupt header is reported where the weights are read
+        return {}
 
 
 def _weight_files(d: Path, trust_pickle: bool) -> list[Path]:
@@ -305,7 +323,10 @@ def load_hf_dir(d: Path, *, trust_pickle: bool = False, source: str | None = Non
                     help="the checkpoint is corrupt or does not match its config.json")
     model.eval()
     tokenizer = load_tokenizer(d, trust_remote_code)
-    return LoadedModel(model, source or f"hf:{d}", tokenizer, config, files)
+    from surgery.executor.checkpoint import stored_dtypes
+
+    return LoadedModel(model, source or f"hf:{d}", tokenizer, config, files,
+                       stored_dtypes=stored_dtypes(files))
 
 
 def load_tokenizer(d: Path, trust_remote_code: bool = False):

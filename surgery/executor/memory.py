@@ -1,0 +1,146 @@
+"""Peak memory of a streamed or in-memory run, estimated from config.json alone (the skeleton
+built from it on the meta device: parameter counts per unit, layer widths).
+
+The model (docs/scale.md "memory model"), in bytes, fp32 compute (4 bytes a parameter):
+
+    streamed host peak = BASE + 4 * largest unit (a block, or embeddings / head)
+                         + TRANSIENT * largest Linear of a quantized unit (codes, copies)
+                         + calibration: 2 * samples * seqlen * hidden * 4 (block inputs and
+                           outputs) + the Hessians of one block's layers in fp32
+                           + one batch's activations inside a block
+    in-memory host peak = BASE + 4 * all parameters + the same transients
+
+BASE is the interpreter with torch and transformers imported (measured, see docs/scale.md).
+The constants below were fitted on this machine's measurements (docs/bench/scale.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+BASE = 560 * 2**20  # python + torch + transformers + surgery + a tokenizer, resident
+# after import (measured: 548 MiB on this machine, docs/scale.md)
+TRANSIENT = 12  # bytes per weight of the largest Linear while it is quantized (int32 codes,
+# an fp32 copy, the dequantized check): measured, see docs/scale.md
+
+
+@dataclass
+class Estimate:
+    host_streamed: int
+    host_in_memory: int
+    device: int  # on the device when one is given (0 on CPU)
+    min_unit: int  # the largest unit in the compute dtype: no budget below it can work
+    parts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"host_streamed_bytes": self.host_streamed,
+                "host_in_memory_bytes": self.host_in_memory, "device_bytes": self.device,
+                "largest_unit_bytes": self.min_unit, "parts": self.parts}
+
+
+def _numel(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters())
+
+
+def _inside(path: str, unit) -> bool:
+    return any(not p or path == p or path.startswith(p + ".") for p in unit.paths)
+
+
+def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
+             stored_bytes: int = 2) -> Estimate:
+    """``model``: a meta skeleton; ``units``: residency.plan_units; ``rows``: plan steps;
+    ``data``: the program's data declarations (samples, seqlen); ``stored_bytes``: bytes per
+    weight in the checkpoint (2 for bf16)."""
+    from surgery.executor.schedule import is_streamable_merge
+    from surgery.passapi import Granularity
+
+    rows = [r for r in rows if not r.step.pass_cls.is_output]
+    calib_rows = [r for r in rows if r.step.pass_cls.granularity is Granularity.BLOCK]
+    merges = [r for r in rows if is_streamable_merge(r.step.pass_cls, r.step.params)]
+    heavy = [r for r in rows if r.step.verb in ("quantize", "prune")]
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    calib, captured = 0, 0
+    for r in calib_rows:
+        for n in r.step.pass_cls.data_fields():
+            d = data.get(getattr(r.step.params, n, None))
+            if d is None:
+                continue
+            samples = getattr(r.step.params, "samples", None) or d.samples
+            batch = min(getattr(r.step.params, "batch", 8), samples)
+            inter = getattr(model.config, "intermediate_size", 4 * hidden)
+            # block inputs and outputs of every sample, and one batch inside the MLP
+            calib = max(calib, 2 * samples * d.seqlen * hidden * 4
+                        + 3 * batch * d.seqlen * inter * 4)
+            captured = max(captured, samples * d.seqlen * hidden * 4)
+    costs, total, largest_unit = [], 0, 0
+    for u in units:
+        seen, params, biggest = set(), 0, 0
+        for p in u.paths:
+            for t in (model.get_submodule(p) if p else model).parameters():
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    params += t.numel()
+                    biggest = max(biggest, t.numel())
+        total += 4 * params
+        largest_unit = max(largest_unit, 4 * params)
+        touched = [p for r in rows for p in r.modules if _inside(p, u)]
+        in_calib = u.is_block and bool(calib_rows)
+        # the calibration forward runs the embeddings (onloaded in fp32 for the capture)
+        embeds = bool(calib_rows) and any(isinstance(m, nn.Embedding) for p in u.paths
+                                          for m in (model.get_submodule(p) if p else
+                                                    model).modules())
+        if not touched and not merges and not in_calib and not embeds:
+            costs.append(stored_bytes * biggest)  # copied through, one tensor at a time
+            continue
+        cost = 4 * params + stored_bytes * biggest
+        heavy_targets = [model.get_submodule(p) for r in heavy for p in r.modules
+                         if _inside(p, u)]
+        widest = max((sum(t.numel() for t in m.parameters()) for m in heavy_targets), default=0)
+        cost += TRANSIENT * widest
+        cost += 2 * 4 * biggest if merges else 0  # the merged models' tensors, upcast
+        if in_calib:
+            mods = [m for m in model.get_submodule(u.paths[0]).modules()
+                    if isinstance(m, nn.Linear)]
+            cost += sum(4 * m.in_features ** 2 for m in mods) + calib  # Hessians, activations
+        if embeds:
+            cost += captured  # the captured block inputs, while the embeddings are resident
+        costs.append(cost)
+    peak_unit = max(costs, default=0)
+    parts = {"base": BASE, "peak_unit": peak_unit, "largest_unit_fp32": largest_unit,
+             "calibration_activations": calib, "all_parameters_fp32": total}
+    on_device = device != "cpu"
+    streamed = BASE + (largest_unit if on_device else peak_unit)
+    in_memory = BASE + total + max(0, peak_unit - largest_unit)
+    dev = peak_unit if on_device else 0
+    return Estimate(streamed, in_memory, dev, largest_unit, parts)
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (what a new allocation can get without swapping)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def parse_size(text: str) -> int:
+    """'6GB', '512MiB', '5e9' -> bytes (GB = 10^9, GiB = 2^30, as transformers does)."""
+    t = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[:-len(u)]) * mult)
+    return int(float(t))
+
+
+def fmt(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
