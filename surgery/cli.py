@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", help="save the result here (overrides the script's save)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="calibrate with N processes on torch.distributed (launches torchrun)")
     ep = sub.add_parser("explain", help="explain a diagnostic code, e.g. `surgery explain E0500`")
     ep.add_argument("code", help="a code such as E0500")
     pp = sub.add_parser("passes", help="list registered passes and their parameters")
@@ -106,16 +108,24 @@ def cmd_plan(args, console) -> int:
 
 
 def cmd_apply(args, console) -> int:
+    from surgery import distributed
     from surgery.progress import LogProgress, Progress, RichProgress
 
+    if args.nproc is not None and distributed.world_from_env() <= 1:
+        return _launch(args)
+    group = distributed.init_from_env()
     prog = _load_program(args.file)
-    if args.quiet or args.format == "json":
+    if args.quiet or args.format == "json" or not distributed.is_writer():
         progress = Progress()
     else:
         progress = RichProgress() if sys.stderr.isatty() else LogProgress()
     result = prog.apply(args.model, seed=args.seed, output=args.output, progress=progress,
                         trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
     rep = result.report
+    if not distributed.is_writer():
+        return EXIT_OK  # rank 0 reports
+    if group is not None:
+        console.print(f"calibrated with {group.world} processes ({group.backend})")
     if args.format == "json":
         print(json.dumps(rep.to_json(), indent=2, default=str))
         return EXIT_OK
@@ -134,6 +144,35 @@ def cmd_apply(args, console) -> int:
     for out in rep.outputs:
         console.print(f"wrote {out}")
     return EXIT_OK
+
+
+def _launch(args) -> int:
+    """`apply --nproc N`: this same command under torchrun (torch.distributed.run), N processes."""
+    import subprocess
+
+    from surgery.diagnostics import Code, error
+
+    if args.nproc < 1:
+        raise error(Code.E0911, f"--nproc must be at least 1 (got {args.nproc})")
+    argv = sys.argv[1:] if _argv is None else _argv
+    rest, skip = [], False
+    for a in argv:  # the command again, without --nproc (the ranks must not launch again)
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "surgery", *rest]
+    rc = subprocess.call(cmd)
+    if rc != 0:  # the ranks printed their own errors above
+        raise error(Code.E0910, f"the {args.nproc}-process run failed (torchrun exit {rc}); no "
+                    "output was written", help="the first error above names the rank that failed")
+    return EXIT_OK
+
+
+_argv: list[str] | None = None  # main()'s argv, for _launch
 
 
 def _show(v) -> str:
@@ -193,6 +232,8 @@ def cmd_explain(args, console) -> int:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
+    global _argv
+    _argv = argv
     args = _parser().parse_args(argv)
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True, soft_wrap=True)
@@ -219,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         atomic.release_all()  # output locks (their .lock files go with them)
+        from surgery import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -203,6 +203,9 @@ class Code(str, enum.Enum):
     E0803 = "E0803"
     E0804 = "E0804"
     E0805 = "E0805"
+    # distributed calibration (surgery.distributed)
+    E0910 = "E0910"
+    E0911 = "E0911"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -260,6 +263,8 @@ TITLES: dict[Code, str] = {
     Code.E0803: "backend unavailable",
     Code.E0804: "output locked by another run",
     Code.E0805: "not enough disk space for the output",
+    Code.E0910: "a process of a distributed run failed",
+    Code.E0911: "cannot start or join a distributed run",
 }
 
 # Kept for callers that want code -> title as plain strings.
