@@ -217,12 +217,19 @@ class _Engine:
                                 stop_at=self.model.get_submodule(blocks[0]))
                     outside = [t for t in outside if t not in early]
                     inputs, _ = self._capture(blocks[0], [])
+                # with targets only in the first blocks (a selector such as layers 0-3), the
+                # rest of the stack needs no forwards, unless targets after it (lm_head) do
+                last_needed = len(blocks) - 1 if outside else max(
+                    i for i, b in enumerate(blocks) if in_block[b])
                 for bi, bpath in enumerate(blocks):
                     task.describe(f"{self.label}: {bpath} ({bi + 1}/{len(blocks)})")
                     block = self.model.get_submodule(bpath)
                     fwd = (lambda blk: lambda i: blk(*inputs[i].args, **inputs[i].kwargs))(block)
                     if in_block[bpath]:
                         self._stage(fwd, in_block[bpath])
+                    if bi >= last_needed:  # no target downstream: later blocks need no inputs
+                        task.advance(len(blocks) - bi)
+                        break
                     if bi + 1 < len(blocks):  # the next block's inputs, from transformed weights
                         block = self.model.get_submodule(bpath)
                         inputs = [inp.with_hidden(first_output(
