@@ -34,7 +34,9 @@ from scale_ckpt import SIZES, write_checkpoint  # noqa: E402
 CALIB = 'data calib = corpus("pydoc", samples={samples}, seqlen={seqlen})\n'
 RUNS = {
     "rtn8": "quantize {sel} to int8\n",
-    "gptq4": "quantize {sel} to int4 using gptq(data=calib, group=128, symmetric=true)\n",
+    # llm-compressor's W4A16 defaults: symmetric int4, group 128, static activation order
+    "gptq4": "quantize {sel} to int4 using gptq(data=calib, group=128, symmetric=true, "
+             "act_order=true, static_groups=true)\n",
     "sparsegpt24": "prune {sel} to 2:4 using sparsegpt(data=calib)\n",
     "merge": "merge a, b using linear()\n",
 }
