@@ -68,11 +68,31 @@ class Program:
     def apply(self, model: str | nn.Module | LoadedModel | None = None, *, seed: int = 0,
               output: str | Path | None = None, progress: Progress | None = None,
               trust_pickle: bool = False, inplace: bool = False,
-              trust_remote_code: bool = False) -> Result:
+              trust_remote_code: bool = False, device: str | None = None,
+              dtype: str | None = None, stream: str = "off", max_memory: int | str | None = None,
+              max_device_memory: int | str | None = None,
+              max_shard_size: int | str | None = None) -> Result:
         """Run the script on ``model`` (default: load the script's model) and return the new
         model in ``Result.model``. A module you pass in is copied first and never modified,
         unless ``inplace=True`` (no copy: less memory, and your module is edited). Outputs are
-        written only if every expectation holds."""
+        written only if every expectation holds.
+
+        Big models (docs/scale.md): ``stream="on"`` runs out of core, block by block, on
+        ``device`` ("cpu", "cuda", "cuda:N"), writing the output as it goes (``Result.model`` is
+        then the model's meta-device skeleton); ``"auto"`` streams when the in-memory estimate
+        exceeds ``max_memory`` (or the available RAM). ``dtype`` ("bf16", "fp16", "fp32")
+        overrides the output's float dtype (default: the checkpoint's)."""
+        from surgery.executor import options as xopt
+
+        opts = xopt.resolve(self, device=device, dtype=dtype, stream=stream,
+                            max_memory=max_memory, max_device_memory=max_device_memory,
+                            max_shard_size=max_shard_size)
+        if opts.wants_stream_check and not isinstance(model, (nn.Module, LoadedModel)):
+            with remote_code(trust_remote_code):
+                done = xopt.try_stream(self, model, opts, seed=seed, output=output,
+                                       progress=progress)
+            if done is not None:
+                return done
         checked = self.check()
         if not inplace and isinstance(model, nn.Module):
             model = copy.deepcopy(model)
@@ -80,7 +100,8 @@ class Program:
             model = dataclasses.replace(model, model=copy.deepcopy(model.model))
         with remote_code(trust_remote_code):
             subject = subject_for(checked, model, skeleton=False, trust_pickle=trust_pickle)
-        runner = Runner(checked, seed=seed, progress=progress, trust_pickle=trust_pickle)
+        runner = Runner(checked, seed=seed, progress=progress, trust_pickle=trust_pickle,
+                        dtype=opts.dtype, max_shard_bytes=opts.max_shard_bytes)
         out = str(output) if output is not None else None
         try:
             with remote_code(trust_remote_code):

@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="calibrate with N processes on torch.distributed (launches torchrun)")
+    # big models (docs/scale.md)
+    ap.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                    help="out-of-core, block by block (auto: when the model does not fit)")
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (blocks are onloaded there)")
+    ap.add_argument("--dtype", help="float dtype of the output (default: the checkpoint's)")
+    ap.add_argument("--max-memory", help="host memory budget, e.g. 6GB")
+    ap.add_argument("--max-device-memory", help="device memory budget, e.g. 40GB")
+    ap.add_argument("--max-shard-size", help="largest output shard (default 5GB)")
     ep = sub.add_parser("explain", help="explain a diagnostic code, e.g. `surgery explain E0500`")
     ep.add_argument("code", help="a code such as E0500")
     pp = sub.add_parser("passes", help="list registered passes and their parameters")
@@ -100,11 +108,29 @@ def cmd_check(args, console) -> int:
 def cmd_plan(args, console) -> int:
     prog = _load_program(args.file)
     plan = prog.plan(args.model, trust_remote_code=args.trust_remote_code)
+    est = _estimate(plan)
     if args.format == "json":
-        print(json.dumps(plan.to_json(), indent=2))
+        print(json.dumps(plan.to_json() | ({"memory": est.to_json()} if est else {}), indent=2))
     else:
         _print_plan(plan, console)
+        if est is not None:
+            console.print(f"estimated peak host memory: {_fmt_bytes(est.host_in_memory)} in "
+                          f"memory, {_fmt_bytes(est.host_streamed)} streamed (--stream on; "
+                          f"largest block {_fmt_bytes(est.min_unit)} in fp32)")
     return EXIT_OK
+
+
+def _estimate(plan):
+    """The memory estimate for a plan bound to a safetensors checkpoint, else None."""
+    import torch
+
+    from surgery.executor.entry import plan_estimate
+    from surgery.models import local_dir
+
+    d = local_dir(plan.subject_source)
+    if d is None or not list(d.glob("*.safetensors")):
+        return None
+    return plan_estimate(plan, d, torch.device("cpu"))
 
 
 def cmd_apply(args, console) -> int:
@@ -113,14 +139,17 @@ def cmd_apply(args, console) -> int:
 
     if args.nproc is not None and distributed.world_from_env() <= 1:
         return _launch(args)
-    group = distributed.init_from_env()
+    group = distributed.init_from_env(args.device)
     prog = _load_program(args.file)
     if args.quiet or args.format == "json" or not distributed.is_writer():
         progress = Progress()
     else:
         progress = RichProgress() if sys.stderr.isatty() else LogProgress()
     result = prog.apply(args.model, seed=args.seed, output=args.output, progress=progress,
-                        trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
+                        trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code,
+                        device=args.device, dtype=args.dtype, stream=args.stream,
+                        max_memory=args.max_memory, max_device_memory=args.max_device_memory,
+                        max_shard_size=args.max_shard_size)
     rep = result.report
     if not distributed.is_writer():
         return EXIT_OK  # rank 0 reports
@@ -143,6 +172,7 @@ def cmd_apply(args, console) -> int:
                       f"{e.bound:.4f}{orig} [green]passed[/green]")
     for out in rep.outputs:
         console.print(f"wrote {out}")
+    _print_resources(rep, console)
     return EXIT_OK
 
 
@@ -173,6 +203,22 @@ def _launch(args) -> int:
 
 
 _argv: list[str] | None = None  # main()'s argv, for _launch
+
+
+def _print_resources(rep, console) -> None:
+    """Measured peak memory next to the plan's estimate (streamed runs)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    s = rep.streamed
+    if s is None:
+        console.print(f"peak memory: {_fmt_bytes(peak)} resident (in memory)")
+        return
+    est = s["estimate"]["host_streamed_bytes"]
+    dev = f", device {_fmt_bytes(s['peak_device_bytes'])}" if "peak_device_bytes" in s else ""
+    console.print(f"streamed {s['units']} units ({s['blocks']} blocks) in {s['seconds']:.1f}s; "
+                  f"peak memory: {_fmt_bytes(peak)} resident{dev} (estimated "
+                  f"{_fmt_bytes(est)})")
 
 
 def _show(v) -> str:

@@ -203,6 +203,11 @@ class Code(str, enum.Enum):
     E0803 = "E0803"
     E0804 = "E0804"
     E0805 = "E0805"
+    # resources: memory budgets, devices, what can stream (surgery/executor)
+    E0900 = "E0900"
+    E0901 = "E0901"
+    E0902 = "E0902"
+    E0903 = "E0903"
     # distributed calibration (surgery.distributed)
     E0910 = "E0910"
     E0911 = "E0911"
@@ -263,6 +268,10 @@ TITLES: dict[Code, str] = {
     Code.E0803: "backend unavailable",
     Code.E0804: "output locked by another run",
     Code.E0805: "not enough disk space for the output",
+    Code.E0900: "memory budget below one block",
+    Code.E0901: "device unavailable",
+    Code.E0902: "step cannot be streamed",
+    Code.E0903: "expectation not evaluated in a streamed run",
     Code.E0910: "a process of a distributed run failed",
     Code.E0911: "cannot start or join a distributed run",
 }

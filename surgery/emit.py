@@ -41,6 +41,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MANIFEST = "surgery.json"
 PROVENANCE = "provenance"  # the ctx.extras key under which the runner passes the Provenance
+# ctx.extras keys: the input's stored dtype per tensor name (bf16 in -> bf16 out), and the
+# largest output shard in bytes (`--max-shard-size`).
+STORED_DTYPES = "stored_dtypes"
+MAX_SHARD = "max_shard_bytes"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
@@ -101,8 +105,11 @@ def split_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
-def save(model: nn.Module, path: str | Path, manifest: dict[str, Any], tokenizer=None) -> Path:
-    """Write the model directory atomically."""
+def save(model: nn.Module, path: str | Path, manifest: dict[str, Any], tokenizer=None, *,
+         dtypes: dict[str, torch.dtype] | None = None,
+         max_shard_bytes: int | None = None) -> Path:
+    """Write the model directory atomically. ``dtypes``: the input's stored dtype per tensor
+    name; those tensors are written back in it (surgery/deploy/hf_dir.py ``stored``)."""
     tensors, aliases = split_aliases(model)
     modules = registry.surgery_modules(model)
     full = {**manifest, "format_version": FORMAT_VERSION, "versions": versions(),
@@ -110,7 +117,7 @@ def save(model: nn.Module, path: str | Path, manifest: dict[str, Any], tokenizer
             "base": _base_info(model)}
     with atomic_dir(path) as tmp:
         # config.json + weights as plain transformers reads them (surgery/deploy/hf_dir.py)
-        full["weights"] = hf_dir.write(tmp, model, tensors, modules)
+        full["weights"] = hf_dir.write(tmp, model, tensors, modules, dtypes, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))

@@ -64,6 +64,9 @@ class LoadedModel:
     config: dict | None = None  # HF config as a dict (None for plain modules)
     files: list[Path] = field(default_factory=list)  # input files, hashed into the manifest
     is_skeleton: bool = False
+    # The dtype each tensor is stored in on disk (safetensors headers): the model computes in
+    # fp32, and saving writes untouched tensors back in their stored dtype.
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def kind(self) -> ModelKind:
@@ -339,7 +342,10 @@ def load_hf_dir(d: Path, *, trust_pickle: bool = False, source: str | None = Non
                     help="the checkpoint is corrupt or does not match its config.json")
     model.eval()
     tokenizer = load_tokenizer(d, trust_remote_code)
-    return LoadedModel(model, source or f"hf:{d}", tokenizer, config, files)
+    from surgery.executor.checkpoint import stored_dtypes
+
+    return LoadedModel(model, source or f"hf:{d}", tokenizer, config, files,
+                       stored_dtypes=stored_dtypes(files))
 
 
 def load_tokenizer(d: Path, trust_remote_code: bool = False):

@@ -375,7 +375,9 @@ def replace_module(root: "nn.Module", path: str, new: "nn.Module") -> None:
 def module_device(module: "nn.Module"):
     """The device of ``module``'s first parameter or buffer (CPU for a module without state):
     where inputs built for it (token ids, example tensors) must live."""
-    for t in list(module.parameters()) + list(module.buffers()):
+    tensors = list(module.parameters()) + list(module.buffers())
+    # A streamed model keeps the blocks not in memory on meta: the others say where it runs.
+    for t in sorted(tensors, key=lambda t: t.device.type == "meta"):
         return t.device
     import torch
 

@@ -20,7 +20,7 @@ from surgery.binder import Plan, PlanRow, bind
 from surgery.check import CheckedProgram
 from surgery.data import Dataset, corpus, text_file
 from surgery.diagnostics import Diagnostic, SurgeryError, attach_source
-from surgery.emit import PROVENANCE, Provenance, input_hashes
+from surgery.emit import MAX_SHARD, PROVENANCE, STORED_DTYPES, Provenance, input_hashes
 from surgery.expectations import ExpectationRecord
 from surgery.models import LoadedModel, load_model, load_skeleton
 from surgery.outputs import check_output
@@ -48,11 +48,15 @@ class RunReport:
     steps: list[StepRecord] = field(default_factory=list)
     expectations: list[ExpectationRecord] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    streamed: dict[str, Any] | None = None  # a streamed run's measurements (surgery/executor)
 
     def to_json(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_json(), "steps": [s.to_json() for s in self.steps],
-                "expectations": [e.to_json() for e in self.expectations],
-                "outputs": self.outputs}
+        out = {"plan": self.plan.to_json(), "steps": [s.to_json() for s in self.steps],
+               "expectations": [e.to_json() for e in self.expectations],
+               "outputs": self.outputs}
+        if self.streamed is not None:
+            out["streamed"] = self.streamed
+        return out
 
 
 @dataclass
@@ -103,8 +107,11 @@ def plan_for(program: CheckedProgram, loaded: dict[str, LoadedModel]) -> Plan:
 
 class Runner:
     def __init__(self, program: CheckedProgram, *, seed: int = 0, progress: Progress | None = None,
-                 trust_pickle: bool = False):
+                 trust_pickle: bool = False, dtype: torch.dtype | None = None,
+                 max_shard_bytes: int | None = None):
         self.program = program
+        self.dtype = dtype  # `--dtype`: the float dtype of the output (default: the input's)
+        self.max_shard_bytes = max_shard_bytes
         self.seed = seed
         self.progress = progress or Progress()
         self.trust_pickle = trust_pickle
@@ -138,7 +145,8 @@ class Runner:
                 before[exp.line] = expectations.measure_before(exp, plan.model, data)
         ctx = RunContext(model=plan.model, models=models, data=data, progress=self.progress,
                          seed=self.seed, model_sources={n: lm.source for n, lm in loaded.items()},
-                         extras={PROVENANCE: prov})
+                         extras={PROVENANCE: prov, MAX_SHARD: self.max_shard_bytes,
+                                 STORED_DTYPES: output_dtypes(loaded[subject_name], self.dtype)})
         rows = _with_output(plan.steps, output)
         for row in (r for r in rows if not r.step.pass_cls.is_output):
             ctx = self._step(row, ctx, report, subject_name)
@@ -171,6 +179,13 @@ class Runner:
                                        time.perf_counter() - t0, result.report))
         ctx.models[subject_name] = result.model
         return dataclasses.replace(ctx, model=result.model)
+
+
+def output_dtypes(subject: LoadedModel, override: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The dtype each input tensor is written back in: its stored one, or ``--dtype``."""
+    if override is None:
+        return dict(subject.stored_dtypes)
+    return {k: (override if d.is_floating_point else d) for k, d in subject.stored_dtypes.items()}
 
 
 def _with_output(rows: list[PlanRow], output: str | None) -> list[PlanRow]:

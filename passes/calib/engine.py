@@ -3,6 +3,7 @@ transformed blocks before it, holding one block's activations at a time."""
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -13,6 +14,12 @@ from surgery import distributed
 from surgery.modelcall import first_output, forward_ids
 from surgery.passapi import PassError, replace_module
 from surgery.passes.calib.stats import LinearStats
+
+# Set by the streamed executor (surgery/executor/run.py): an object with ``enter(block)`` (onload
+# the block), ``leave(block)`` (write it and return it to meta) and ``captured()`` (the first
+# block's inputs are recorded: what ran before it may go). None: the whole model is in memory.
+RESIDENCY: contextvars.ContextVar[Any] = contextvars.ContextVar("calibration_residency",
+                                                                default=None)
 
 Transform = Callable[[dict[str, nn.Module], dict[str, LinearStats]], "dict[str, nn.Module] | None"]
 
@@ -209,8 +216,16 @@ class _Engine:
         outside = [t for t in self.targets if not any(_inside(t, b) for b in blocks)]
         n_stages = len(blocks) + (1 if outside else 0)
         with self.progress.task(self.label, total=n_stages) as task:
+            residency = RESIDENCY.get()
+            if residency is not None and (outside or not blocks):
+                raise PassError("a streamed run calibrates block by block; this target is "
+                                "outside the repeated blocks",
+                                module=(outside or list(self.targets))[0],
+                                hint="exclude it from the selector, or use --stream off")
             if blocks:
                 inputs, early = self._capture(blocks[0], outside)
+                if residency is not None:
+                    residency.captured()
                 if early:  # targets before the first block (e.g. an input projection)
                     task.describe(f"{self.label}: before {blocks[0]}")
                     self._stage(lambda i: self.call(self.batches[i]), early,
@@ -223,17 +238,18 @@ class _Engine:
                     i for i, b in enumerate(blocks) if in_block[b])
                 for bi, bpath in enumerate(blocks):
                     task.describe(f"{self.label}: {bpath} ({bi + 1}/{len(blocks)})")
+                    if residency is not None:
+                        residency.enter(bpath)
                     block = self.model.get_submodule(bpath)
                     fwd = (lambda blk: lambda i: blk(*inputs[i].args, **inputs[i].kwargs))(block)
                     if in_block[bpath]:
                         self._stage(fwd, in_block[bpath])
-                    if bi >= last_needed:  # no target downstream: later blocks need no inputs
-                        task.advance(len(blocks) - bi)
-                        break
-                    if bi + 1 < len(blocks):  # the next block's inputs, from transformed weights
+                    if bi < last_needed:  # the next block's inputs, from transformed weights
                         block = self.model.get_submodule(bpath)
                         inputs = [inp.with_hidden(first_output(
                             block(*inp.args, **inp.kwargs))) for inp in inputs]
+                    if residency is not None:
+                        residency.leave(bpath)
                     task.advance()
                 del inputs
             if outside:  # the rest (lm_head, or a model without repeated blocks): full forwards

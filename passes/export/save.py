@@ -36,7 +36,9 @@ class Save(ModelPass):
         manifest = emit.manifest(prov) if prov is not None else {}
         tokenizer = prov.tokenizer if prov is not None else None
         with ctx.progress.task(f"saving {self.params.path}"):
-            emit.save(ctx.model, self.params.path, manifest, tokenizer=tokenizer)
+            emit.save(ctx.model, self.params.path, manifest, tokenizer=tokenizer,
+                      dtypes=ctx.extras.get(emit.STORED_DTYPES),
+                      max_shard_bytes=ctx.extras.get(emit.MAX_SHARD))
         n = sum(p.numel() for p in ctx.model.parameters())
         return self.result(ctx, StepReport(modules=len(modules), parameters=n,
                                            metrics={"path": str(self.params.path)}))

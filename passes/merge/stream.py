@@ -17,10 +17,11 @@ from typing import Sequence
 
 import torch
 from pydantic import ValidationError
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from surgery.atomic import atomic_dir
+from surgery.diagnostics import SurgeryError
+from surgery.executor.checkpoint import Checkpoint as LazyCheckpoint
+from surgery.executor.writer import ShardWriter
 from surgery.deploy.tokenizer_files import TOKENIZER_FILES
 from surgery.passapi import PassError
 from surgery.progress import Progress
@@ -33,35 +34,18 @@ from .taskvec import compatibility_problems, is_mergeable
 _COPY = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
-class Checkpoint:
-    """A safetensors checkpoint (file, or directory of shards): names, shapes, lazy reads."""
+class Checkpoint(LazyCheckpoint):
+    """The executor's lazy checkpoint (surgery/executor/checkpoint.py), with the streamed
+    merge's historical error type for a path that holds no weights."""
 
     def __init__(self, path: str | Path):
-        p = Path(str(path).removeprefix("hf:"))
-        files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
-        if not files:
+        try:
+            super().__init__(path)
+        except SurgeryError as e:
+            if e.diagnostics[0].code.value != "E0602":
+                raise
             raise PassError(f"`{path}` holds no *.safetensors files",
-                            hint="streamed merges read safetensors checkpoints")
-        self.dir = p if p.is_dir() else p.parent
-        self.where: dict[str, Path] = {}
-        self.shapes: dict[str, tuple] = {}
-        self.dtypes: dict[str, str] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:  # reads the header only
-                for k in h.keys():
-                    sl = h.get_slice(k)
-                    self.where[k] = f
-                    self.shapes[k] = tuple(sl.get_shape())
-                    self.dtypes[k] = sl.get_dtype()
-
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def read(self, name: str) -> torch.Tensor:
-        # Open per read: the mapping is dropped afterwards, so pages of tensors already merged
-        # do not stay resident.
-        with safe_open(str(self.where[name]), framework="pt") as h:
-            return h.get_tensor(name)
+                            hint="streamed merges read safetensors checkpoints") from None
 
 
 def _release_freed_memory() -> None:
@@ -133,23 +117,10 @@ def stream_merge(method: str | TensorMerger, models: Sequence[str | Path], out: 
     if probs:
         raise PassError(probs[0], hint="only checkpoints of the same architecture merge")
     kinds = _kinds(ref)
-    buf: dict[str, torch.Tensor] = {}
-    size = 0
     merged = 0
-    weight_map: dict[str, str] = {}
     with atomic_dir(out) as tmp:
-        written: list[Path] = []
-
-        def flush():
-            nonlocal buf, size
-            if buf:
-                f = tmp / f".part-{len(written):05d}.safetensors"
-                save_file(buf, str(f), metadata={"format": "pt"})
-                written.append(f)
-                for k in buf:
-                    weight_map[k] = f.name
-            buf, size = {}, 0
-
+        # The executor's shard writer: tensors go to disk as they are merged (bounded memory).
+        writer = ShardWriter(tmp, "model", shard_bytes)
         names = ref.names()
         with (progress or Progress()).task("streamed merge", total=len(names)) as task, \
                 torch.no_grad():
@@ -162,26 +133,13 @@ def stream_merge(method: str | TensorMerger, models: Sequence[str | Path], out: 
                     merged += t.numel()
                 else:
                     t = b
-                buf[name] = t.contiguous()
-                size += t.numel() * t.element_size()
+                writer.add(name, t)
                 del b, t
                 _release_freed_memory()
-                if size >= shard_bytes:
-                    flush()
                 task.advance()
-            flush()
-        n = len(written)
-        final = {}
-        for i, f in enumerate(written):
-            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            f.rename(tmp / name)
-            final[f.name] = name
-        weight_map = {k: final[v] for k, v in weight_map.items()}
-        if n > 1:
-            total = sum((tmp / v).stat().st_size for v in set(weight_map.values()))
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        files = writer.finish()
+        n = len([f for f in files if f.endswith(".safetensors")])
         for extra in _COPY:
             if (ref.dir / extra).exists():
                 shutil.copy2(ref.dir / extra, tmp / extra)
-    return {"tensors": len(weight_map), "merged_parameters": merged, "shards": n}
+    return {"tensors": len(writer.weight_map), "merged_parameters": merged, "shards": n}

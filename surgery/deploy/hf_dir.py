@@ -71,11 +71,14 @@ class View:
     refusals: dict[str, str] = field(default_factory=dict)  # path -> why no standard form
 
 
-def view(model: nn.Module, tensors: dict[str, torch.Tensor],
-         modules: dict[str, dict[str, Any]]) -> View:
-    """How ``model`` (state ``tensors``, surgery ``modules``) is written for plain transformers."""
-    if not _is_hf(model):
-        return View("module", tensors)
+def classify(model: nn.Module, modules: dict[str, dict[str, Any]], hf: bool | None = None
+             ) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(layout, converted path -> type, refused path -> why) of ``model``'s surgery modules.
+    Reads module attributes only, so it works on a meta skeleton (the streamed executor decides
+    the layout before any weight is written; ``hf`` overrides the check for a config, which a
+    structural plan skeleton lacks)."""
+    if not (_is_hf(model) if hf is None else hf):
+        return "module", {}, {}
     refusals, converted = {}, {}
     for path, info in modules.items():
         kind = info["type"]
@@ -88,6 +91,18 @@ def view(model: nn.Module, tensors: dict[str, torch.Tensor],
             refusals[path] = f"{kind}: {why}"
         else:
             converted[path] = kind
+    if refusals:
+        return "surgery-only", converted, refusals
+    layouts = {CONVERTERS[k].layout for k in converted.values()} - {"hf"}
+    return (layouts.pop() if layouts else "hf"), converted, refusals
+
+
+def view(model: nn.Module, tensors: dict[str, torch.Tensor],
+         modules: dict[str, dict[str, Any]]) -> View:
+    """How ``model`` (state ``tensors``, surgery ``modules``) is written for plain transformers."""
+    if not _is_hf(model):
+        return View("module", tensors)
+    layout, converted, refusals = classify(model, modules)
     if refusals:
         return View("surgery-only", tensors, refusals=refusals)
     out = dict(tensors)
@@ -105,32 +120,80 @@ def view(model: nn.Module, tensors: dict[str, torch.Tensor],
     return View(layout, out, extras, converted)
 
 
-def write(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor],
-          modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write config.json and the weights files; returns the manifest's ``weights`` record."""
-    from safetensors.torch import save_file
+def stored(tensors: dict[str, torch.Tensor],
+           dtypes: dict[str, torch.dtype] | None) -> dict[str, torch.Tensor]:
+    """``tensors`` with every floating tensor the input checkpoint had under the same name cast
+    back to the dtype it was stored in (bf16 in, bf16 out: the in-memory model computes in fp32,
+    and a tensor no step touched round-trips exactly). New tensors (scales, masks) keep theirs."""
+    if not dtypes:
+        return tensors
+    out = {}
+    for k, t in tensors.items():
+        want = dtypes.get(k)
+        if want is not None and want.is_floating_point and t.is_floating_point() \
+                and t.dtype != want:
+            t = t.to(want)
+        out[k] = t
+    return out
 
-    v = view(model, tensors, modules)
+
+def output_config(model: nn.Module, layout: str,
+                  dtypes: dict[str, torch.dtype] | None) -> dict[str, Any] | None:
+    """config.json for the output: the model's, refused for surgery-only layouts, with the
+    checkpoint's dtype when tensors are written in it."""
     config = model.config.to_dict() if _is_hf(model) else None
-    if v.layout == "surgery-only":
-        config = refusing_config(config)
+    if config is None:
+        return None
+    floats = [d for d in (dtypes or {}).values() if d.is_floating_point]
+    if floats:
+        config["dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
+    return refusing_config(config) if layout == "surgery-only" else config
+
+
+def write_config(directory: Path, config: dict[str, Any] | None) -> None:
     if config is not None:
         (directory / "config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def write_quantization(directory: Path, model: nn.Module, converted: dict[str, str]) -> None:
+    """compressed-tensors' quantization_config in config.json (works on a meta skeleton)."""
+    quantized = {p: model.get_submodule(p) for p, k in converted.items() if k == "QuantLinear"}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ct.write_config(directory, ct.quantization_config(quantized, linears))
+
+
+def write(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor],
+          modules: dict[str, dict[str, Any]],
+          dtypes: dict[str, torch.dtype] | None = None,
+          max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """Write config.json and the weights files; returns the manifest's ``weights`` record.
+    ``dtypes``: the input checkpoint's stored dtype per tensor name (see :func:`stored`).
+    Weights larger than ``max_shard_bytes`` are written as shards with an index."""
+    from safetensors.torch import save_file
+
+    from surgery.executor.writer import DEFAULT_SHARD, ShardWriter
+
+    v = view(model, tensors, modules)
+    write_config(directory, output_config(model, v.layout, dtypes))
     main = OWN_WEIGHTS if v.layout == "surgery-only" else HF_WEIGHTS
-    # one metadata key: safetensors orders keys randomly
-    save_file({k: v.tensors[k] for k in sorted(v.tensors)}, str(directory / main),
-              metadata={"format": "pt"})
-    files = [main]
-    if v.extras:
-        save_file({k: v.extras[k] for k in sorted(v.extras)}, str(directory / OWN_WEIGHTS),
-                  metadata={"format": "pt"})
-        files.append(OWN_WEIGHTS)
+    files = []
+    for name, group in ((main, stored(v.tensors, dtypes)), (OWN_WEIGHTS, v.extras)):
+        if not group and name != main:
+            continue
+        limit = max_shard_bytes or DEFAULT_SHARD
+        if sum(t.numel() * t.element_size() for t in group.values()) <= limit:
+            # one metadata key: safetensors orders keys randomly
+            save_file({k: group[k] for k in sorted(group)}, str(directory / name),
+                      metadata={"format": "pt"})
+            files.append(name)
+        else:
+            w = ShardWriter(directory, name.removesuffix(".safetensors"), limit)
+            for k in sorted(group):
+                w.add(k, group[k])
+            files += w.finish()
     if v.layout == "compressed-tensors":
-        quantized = {p: model.get_submodule(p) for p, k in v.converted.items()
-                     if k == "QuantLinear"}
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        ct.write_config(directory, ct.quantization_config(quantized, linears))
+        write_quantization(directory, model, v.converted)
     record: dict[str, Any] = {"layout": v.layout, "files": files,
                               "converted": dict(sorted(v.converted.items()))}
     if v.refusals:
@@ -162,21 +225,23 @@ def base_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def read(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Our exact state dict (aliases not yet expanded) from a saved directory."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # noqa: F401 - kept for old single-file outputs
+
+    from surgery.executor.writer import exists, read_sharded
 
     record = manifest.get("weights")
     if record is None:  # written before layouts existed: everything in model.safetensors
         return load_file(str(directory / HF_WEIGHTS))
     if record["layout"] == "surgery-only":
-        return load_file(str(directory / OWN_WEIGHTS))
+        return read_sharded(directory, "surgery")
     if record["layout"] == "compressed-tensors" and not ct.available():
         from surgery.diagnostics import error
 
         raise error("E0600", f"`{directory}` stores quantized layers in the compressed-tensors "
                              "format, and the `compressed-tensors` package is not installed",
                     help="pip install compressed-tensors (or surgery[deploy])")
-    state = load_file(str(directory / HF_WEIGHTS))
-    extras = load_file(str(directory / OWN_WEIGHTS)) if OWN_WEIGHTS in record["files"] else {}
+    state = read_sharded(directory, "model")
+    extras = read_sharded(directory, "surgery") if exists(directory, "surgery") else {}
     modules = manifest.get("modules", {})
     for path, kind in record.get("converted", {}).items():
         prefix = path + "."
