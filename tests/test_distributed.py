@@ -144,7 +144,25 @@ def test_two_gloo_processes_give_the_same_artifact_as_one(run_dir):
     assert [len(p) for p in per] == [6, 8]
 
 
-@pytest.mark.parametrize("how", ["raise", "exit"])
+@pytest.mark.slow
+def test_a_streamed_run_splits_over_two_processes_bit_for_bit(run_dir):
+    """The out-of-core executor (one calibrated step per streamed run) under 2 ranks."""
+    gptq = "\n".join(ln for ln in SCRIPT.format(model=run_dir / "model").splitlines()
+                     if not ln.startswith("prune"))
+    (run_dir / "g.surg").write_text(gptq + "\n")
+    outs = {}
+    for n in (1, 2):
+        out = run_dir / f"streamed-{n}"
+        cmd = [sys.executable, "-m", "surgery", "apply", str(run_dir / "g.surg"), "-o", str(out),
+               "--quiet", "--stream", "on"] + (["--nproc", "2"] if n == 2 else [])
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs[n] = _digest(out)
+    assert outs[1]["files"] and outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("how", ["raise", pytest.param("exit", marks=pytest.mark.slow)])
 def test_a_failing_rank_fails_every_rank_and_writes_nothing(run_dir, how):
     model = run_dir / "model" / "model.safetensors"
     before = hashlib.sha256(model.read_bytes()).hexdigest()
