@@ -120,24 +120,16 @@ def measure(cmd: list[str], env: dict) -> dict:
 
 
 def plan_estimate(surg: Path, env: dict) -> dict | None:
-    """Memory estimate fields of `surgery plan --format json`, if the plan has any."""
+    """The memory estimate of `surgery plan --format json` (its "memory" object), in GB."""
     p = subprocess.run([sys.executable, "-m", "surgery", "plan", str(surg), "--format", "json"],
                        env=env, capture_output=True, text=True)
     if p.returncode != 0:
         return None
-    found = {}
-
-    def walk(v, path=""):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if any(w in k for w in ("peak", "estimate")) and not isinstance(x, (dict, list)):
-                    found[f"{path}{k}"] = x
-                walk(x, f"{path}{k}.")
-        elif isinstance(v, list):
-            for i, x in enumerate(v):
-                walk(x, f"{path}{i}.")
-    walk(json.loads(p.stdout))
-    return found or None
+    mem = json.loads(p.stdout).get("memory")
+    if not mem:
+        return None
+    return {k.removesuffix("_bytes") + "_gb": round(v / 1e9, 3) for k, v in mem.items()
+            if k.endswith("_bytes")}
 
 
 def run_one(size: str, run: str, args) -> dict:
@@ -152,12 +144,13 @@ def run_one(size: str, run: str, args) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
                "MKL_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "-m", "surgery", "apply", str(surg), "-o", str(work / "out"),
-               "--format", "json", *args.extra]
+               "--format", "json", "--stream", args.stream, *args.extra]
         if args.nproc:
             cmd += ["--nproc", str(args.nproc)]
         est = plan_estimate(surg, env)
         m = measure(cmd, env)
         row = {"size": size, "params_b": round(dims.params() / 1e9, 3), "run": run,
+               "stream": args.stream,
                "blocks": n_blocks, "nproc": args.nproc or 1, "threads": args.threads,
                "rc": m["rc"], "wall_s": m["wall_s"], "peak_rss_gb": m["peak_rss_gb"],
                "peak_tree_rss_gb": m["peak_tree_rss_gb"], "plan_estimate": est,
@@ -170,9 +163,10 @@ def run_one(size: str, run: str, args) -> dict:
             row["s_per_block"] = round(step["seconds"] / n_blocks, 2)
             if blocks is not None and blocks < dims.layers:
                 row["extrapolated_step_s"] = round(step["seconds"] / n_blocks * dims.layers, 1)
-            for k in ("peak_device_memory_bytes", "peak_host_memory_bytes"):
-                if k in rep:
-                    row[k] = rep[k]
+            streamed = rep.get("streamed") or {}
+            if "peak_device_bytes" in streamed:
+                row["peak_device_gb"] = round(streamed["peak_device_bytes"] / 1e9, 3)
+            row["streamed"] = bool(streamed)
             out = work / "out"
             row["output_gb"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
                                      / 1e9, 3)
@@ -194,6 +188,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nproc", type=int, default=None, help="ranks for distributed calibration")
+    ap.add_argument("--stream", default="on", choices=["on", "off", "auto"],
+                    help="surgery apply --stream (on: the out-of-core executor)")
     ap.add_argument("--workdir", default=None, help="where outputs go while a run lasts")
     ap.add_argument("--json", default=None, help="append one JSON object per run here")
     ap.add_argument("extra", nargs="*", help="more `surgery apply` options (after --)")

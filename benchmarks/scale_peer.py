@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stream", default="on", choices=["on", "off", "auto"])
     ap.add_argument("--only", choices=["surgery", "llmcompressor"], default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # OUT dir: run the peer
@@ -74,7 +75,8 @@ def main(argv=None) -> None:
     rows = []
     if args.only in (None, "surgery"):
         ns = argparse.Namespace(blocks=args.blocks, samples=args.samples, seqlen=args.seqlen,
-                                threads=args.threads, nproc=None, workdir=None, extra=[])
+                                threads=args.threads, nproc=None, workdir=None, extra=[],
+                                stream=args.stream)
         rows.append({"tool": "surgery", **run_one(args.size, "gptq4", ns)})
         print(json.dumps(rows[-1]), flush=True)
     if args.only in (None, "llmcompressor"):
