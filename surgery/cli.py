@@ -153,7 +153,7 @@ def cmd_apply(args, console) -> int:
     rep = result.report
     if not distributed.is_writer():
         return EXIT_OK  # rank 0 reports
-    if group is not None:
+    if group is not None and args.format != "json":
         console.print(f"calibrated with {group.world} processes ({group.backend})")
     if args.format == "json":
         print(json.dumps(rep.to_json(), indent=2, default=str))
