@@ -62,7 +62,7 @@ class Program:
         plan = bind(checked, subject.model, subject_source=subject.source,
                     skeleton=subject.is_skeleton, models=models)
         # Output path, parent writability and free space against the model's size: known now.
-        check_output(checked, checked.save_path, subject.model)
+        check_output(checked, checked.save_path, subject.model, dtypes=subject.stored_dtypes)
         return plan
 
     def apply(self, model: str | nn.Module | LoadedModel | None = None, *, seed: int = 0,

@@ -116,7 +116,7 @@ def cmd_plan(args, console) -> int:
         if est is not None:
             console.print(f"estimated peak host memory: {_fmt_bytes(est.host_in_memory)} in "
                           f"memory, {_fmt_bytes(est.host_streamed)} streamed (--stream on; "
-                          f"largest block {_fmt_bytes(est.min_unit)} in fp32)")
+                          f"largest unit {_fmt_bytes(est.min_unit)} in fp32)")
     return EXIT_OK
 
 

@@ -304,7 +304,22 @@ def load_skeleton(source: str, *, structural: bool = True,
         scheme, rest = parse_source(source)
         model = build_skeleton(config, Path(rest).expanduser() if scheme == "hf" else None)
         skeleton.store(config, model)
-    return LoadedModel(model, source, None, config, [], is_skeleton=True)
+    return LoadedModel(model, source, None, config, [], is_skeleton=True,
+                       stored_dtypes=_stored_dtypes_of(source))
+
+
+def _stored_dtypes_of(source: str) -> dict[str, torch.dtype]:
+    """The stored dtype of each tensor of an `hf:` checkpoint (safetensors headers only), so the
+    plan's output-size check counts bf16 weights as written in bf16."""
+    scheme, rest = parse_source(source)
+    if scheme != "hf":
+        return {}
+    from surgery.executor.checkpoint import stored_dtypes
+
+    try:
+        return stored_dtypes(sorted(Path(rest).expanduser().glob("*.safetensors")))
+    except SurgeryError:  # a corrupt header is reported where the weights are read
+        return {}
 
 
 def _weight_files(d: Path, trust_pickle: bool) -> list[Path]:

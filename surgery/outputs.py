@@ -26,15 +26,20 @@ from surgery.diagnostics import Code, Diagnostic, SurgeryError
 SIZE_SLACK_BYTES = 16 << 20
 
 
-def estimated_bytes(model: nn.Module) -> int:
-    """Bytes of the model's distinct parameters and buffers (meta tensors included)."""
+def estimated_bytes(model: nn.Module, dtypes: dict | None = None) -> int:
+    """Bytes of the model's distinct parameters and buffers (meta tensors included). ``dtypes``
+    (name -> the input's stored dtype): floating tensors are written back in it."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    named = list(model.named_parameters(remove_duplicate=False)) + \
+        list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
         key = (t.device.type, t.data_ptr()) if t.device.type != "meta" else id(t)
         if key in seen:
             continue
         seen.add(key)
-        total += t.numel() * t.element_size()
+        want = (dtypes or {}).get(name)
+        size = want.itemsize if want is not None and t.is_floating_point() else t.element_size()
+        total += t.numel() * size
     return total
 
 
@@ -54,7 +59,8 @@ def _fmt(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def output_problem(path: str, model: nn.Module | None = None) -> tuple[str, str, str] | None:
+def output_problem(path: str, model: nn.Module | None = None,
+                   dtypes: dict | None = None) -> tuple[str, str, str] | None:
     """(code, message, help) for the first problem with writing an artifact to ``path``."""
     p = Path(path).expanduser()
     absolute = Path(os.path.abspath(p))
@@ -81,7 +87,7 @@ def output_problem(path: str, model: nn.Module | None = None) -> tuple[str, str,
         return (Code.E0802, f"cannot write to `{parent}` (permission denied or read-only)",
                 "choose an output path in a writable directory")
     if model is not None:
-        need = estimated_bytes(model) + SIZE_SLACK_BYTES
+        need = estimated_bytes(model, dtypes) + SIZE_SLACK_BYTES
         free = _free_bytes(parent)
         if free < need:
             return (Code.E0805, f"not enough disk space for `{path}`: the artifact needs about "
@@ -91,7 +97,7 @@ def output_problem(path: str, model: nn.Module | None = None) -> tuple[str, str,
 
 
 def check_output(program, path: str | None, model: nn.Module | None = None, *,
-                 claim: bool = False) -> None:
+                 claim: bool = False, dtypes: dict | None = None) -> None:
     """Raise a located SurgeryError (at the `save` statement) if ``path`` cannot take the artifact.
 
     With ``claim`` (the start of `apply`), also lock the output for this process, so a concurrent
@@ -100,7 +106,7 @@ def check_output(program, path: str | None, model: nn.Module | None = None, *,
     """
     if path is None:
         return
-    problem = output_problem(str(path), model)
+    problem = output_problem(str(path), model, dtypes)
     if problem is None and claim:
         try:
             atomic.claim(path)

@@ -271,3 +271,56 @@ def test_smollm2_bf16_copy_streams_bit_identically(tmp_path):
         if name in streamed:  # untouched: embeddings, norms
             assert streamed[name].dtype == torch.bfloat16 and torch.equal(streamed[name], t)
     assert "model.embed_tokens.weight" in streamed
+
+
+def test_interrupt_mid_run_leaves_no_artifact(ckpt, tmp_path, capsys, monkeypatch):
+    from surgery.executor.residency import Resident
+
+    calls = {"n": 0}
+    real = Resident.offload
+
+    def interrupted(self, unit):
+        calls["n"] += 1
+        if calls["n"] == 2:  # one unit already written to the temporary directory
+            raise KeyboardInterrupt
+        return real(self, unit)
+
+    monkeypatch.setattr(Resident, "offload", interrupted)
+    before = _digest(ckpt)
+    s = _script(tmp_path, RTN.format(ckpt=ckpt))
+    rc = _apply(s, tmp_path / "out", "--stream", "on")
+    assert rc not in (0, 1, 2)  # the interrupt exit code, not success, bug or user error
+    assert "interrupted" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert _digest(ckpt) == before
+
+
+def test_python_api_device_and_stream(ckpt, tmp_path, monkeypatch):
+    import surgery
+    from surgery.diagnostics import SurgeryError
+
+    text = "surgery 1\n" + textwrap.dedent(RTN.format(ckpt=ckpt))
+    res = surgery.apply(None, text, stream="on", output=tmp_path / "out")
+    assert res.report.streamed["blocks"] == 2
+    assert res.report.streamed["peak_rss_bytes"] > 0
+    assert all(p.device.type == "meta" for p in res.model.parameters())  # weights are on disk
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SurgeryError) as e:
+        surgery.apply(None, text, device="cuda:0", output=tmp_path / "out2")
+    assert e.value.diagnostics[0].code.value == "E0901"
+
+
+def test_in_memory_save_shards_above_max_shard_size(ckpt, tmp_path):
+    s = _script(tmp_path, RTN.format(ckpt=ckpt))
+    assert _apply(s, tmp_path / "one", "--stream", "off") == 0
+    assert _apply(s, tmp_path / "many", "--stream", "off", "--max-shard-size", "40KB") == 0
+    assert (tmp_path / "one" / "model.safetensors").exists()
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    _same(_weights(tmp_path / "one"), _weights(tmp_path / "many"))
+    import surgery
+
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.equal(surgery.load(tmp_path / "one")(ids).logits,
+                       surgery.load(tmp_path / "many")(ids).logits)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = ["foundation", "quantize", "prune", "adapters", "merge", "attention", "kernels",
-         "inference", "deploy", "training"]
+         "inference", "deploy", "training", "scale"]
 
 HEADER = """# Benchmark results
 

@@ -178,8 +178,9 @@ def write(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor],
     write_config(directory, output_config(model, v.layout, dtypes))
     main = OWN_WEIGHTS if v.layout == "surgery-only" else HF_WEIGHTS
     files = []
-    for name, group in ((main, stored(v.tensors, dtypes)), (OWN_WEIGHTS, v.extras)):
-        if not group and name != main:
+    for i, (name, group) in enumerate(((main, stored(v.tensors, dtypes)),
+                                       (OWN_WEIGHTS, v.extras))):
+        if i and not group:  # no surgery-only extras (main may itself be surgery.safetensors)
             continue
         limit = max_shard_bytes or DEFAULT_SHARD
         if sum(t.numel() * t.element_size() for t in group.values()) <= limit:

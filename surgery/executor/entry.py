@@ -41,11 +41,15 @@ def plan_estimate(plan, source_dir: Path, device: torch.device) -> Estimate:
     from surgery.models import read_config
     from surgery.passes.calib.engine import find_blocks
 
+    from surgery.executor.checkpoint import Checkpoint
+
     model = empty_model(read_config(source_dir))
+    stored = Checkpoint(source_dir).float_dtype().itemsize
     leaf_paths = [p for p, m in model.named_modules() if not m._modules]
     _, blocks = find_blocks(model, leaf_paths)
     units = plan_units(model, blocks)
-    return estimate(model, units, plan.steps, plan.program.data, device=device.type)
+    return estimate(model, units, plan.steps, plan.program.data, device=device.type,
+                    stored_bytes=stored)
 
 
 def check_budget(est: Estimate, max_memory: int | None, max_device_memory: int | None,

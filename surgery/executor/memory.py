@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-BASE = 420 * 2**20  # python + torch + transformers + surgery, resident after import
+BASE = 560 * 2**20  # python + torch + transformers + surgery + a tokenizer, resident
+# after import (measured: 548 MiB on this machine, docs/scale.md)
 TRANSIENT = 12  # bytes per weight of the largest Linear while it is quantized (int32 codes,
 # an fp32 copy, the dequantized check): measured, see docs/scale.md
 
@@ -44,55 +45,69 @@ def _numel(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters())
 
 
-def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu") -> Estimate:
+def _inside(path: str, unit) -> bool:
+    return any(not p or path == p or path.startswith(p + ".") for p in unit.paths)
+
+
+def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
+             stored_bytes: int = 2) -> Estimate:
     """``model``: a meta skeleton; ``units``: residency.plan_units; ``rows``: plan steps;
-    ``data``: the program's data declarations (samples, seqlen)."""
+    ``data``: the program's data declarations (samples, seqlen); ``stored_bytes``: bytes per
+    weight in the checkpoint (2 for bf16)."""
+    from surgery.executor.schedule import is_streamable_merge
     from surgery.passapi import Granularity
 
-    unit_params = []
+    rows = [r for r in rows if not r.step.pass_cls.is_output]
+    calib_rows = [r for r in rows if r.step.pass_cls.granularity is Granularity.BLOCK]
+    merges = [r for r in rows if is_streamable_merge(r.step.pass_cls, r.step.params)]
+    heavy = [r for r in rows if r.step.verb in ("quantize", "prune")]
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    calib = 0
+    for r in calib_rows:
+        for n in r.step.pass_cls.data_fields():
+            d = data.get(getattr(r.step.params, n, None))
+            if d is None:
+                continue
+            samples = getattr(r.step.params, "samples", None) or d.samples
+            batch = min(getattr(r.step.params, "batch", 8), samples)
+            inter = getattr(model.config, "intermediate_size", 4 * hidden)
+            # block inputs and outputs of every sample, and one batch inside the MLP
+            calib = max(calib, 2 * samples * d.seqlen * hidden * 4
+                        + 3 * batch * d.seqlen * inter * 4)
+    costs, total, largest_unit = [], 0, 0
     for u in units:
-        seen, n = set(), 0
+        seen, params, biggest = set(), 0, 0
         for p in u.paths:
             for t in (model.get_submodule(p) if p else model).parameters():
                 if id(t) not in seen:
                     seen.add(id(t))
-                    n += t.numel()
-        unit_params.append(n)
-    largest_unit = 4 * max(unit_params, default=0)
-    total = 4 * sum(unit_params)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    largest_linear = max((m.weight.numel() for m in linears), default=0)
-    quantizes = any(r.step.verb == "quantize" or r.step.verb == "prune" for r in rows)
-    transient = TRANSIENT * largest_linear if quantizes else 4 * largest_linear
-    calib = 0
-    calib_rows = [r for r in rows if r.step.pass_cls.granularity is Granularity.BLOCK]
-    if calib_rows:
-        hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
-        acts = 0
-        for r in calib_rows:
-            names = r.step.pass_cls.data_fields()
-            for n in names:
-                d = data.get(getattr(r.step.params, n, None))
-                if d is not None:
-                    samples = getattr(r.step.params, "samples", None) or d.samples
-                    acts = max(acts, 2 * samples * d.seqlen * hidden * 4)
-                    batch = getattr(r.step.params, "batch", 8)
-                    inter = getattr(model.config, "intermediate_size", 4 * hidden)
-                    acts += 3 * min(batch, samples) * d.seqlen * inter * 4
-        block = next((u for u in units if u.is_block), None)
-        hess = 0
-        if block is not None:
-            mods = [m for m in model.get_submodule(block.paths[0]).modules()
+                    params += t.numel()
+                    biggest = max(biggest, t.numel())
+        total += 4 * params
+        largest_unit = max(largest_unit, 4 * params)
+        touched = [p for r in rows for p in r.modules if _inside(p, u)]
+        in_calib = u.is_block and bool(calib_rows)
+        if not touched and not merges and not in_calib:
+            costs.append(stored_bytes * biggest)  # copied through, one tensor at a time
+            continue
+        cost = 4 * params + stored_bytes * biggest
+        heavy_targets = [model.get_submodule(p) for r in heavy for p in r.modules
+                         if _inside(p, u)]
+        widest = max((sum(t.numel() for t in m.parameters()) for m in heavy_targets), default=0)
+        cost += TRANSIENT * widest
+        cost += 2 * 4 * biggest if merges else 0  # the merged models' tensors, upcast
+        if in_calib:
+            mods = [m for m in model.get_submodule(u.paths[0]).modules()
                     if isinstance(m, nn.Linear)]
-            hess = sum(4 * m.in_features ** 2 for m in mods)
-        calib = acts + hess
-    parts = {"base": BASE, "largest_unit": largest_unit, "transient": transient,
-             "calibration": calib, "all_parameters": total}
+            cost += sum(4 * m.in_features ** 2 for m in mods) + calib  # Hessians, activations
+        costs.append(cost)
+    peak_unit = max(costs, default=0)
+    parts = {"base": BASE, "peak_unit": peak_unit, "largest_unit_fp32": largest_unit,
+             "calibration_activations": calib, "all_parameters_fp32": total}
     on_device = device != "cpu"
-    streamed = BASE + (0 if on_device else largest_unit + transient + calib) + \
-        (largest_unit if on_device else 0)
-    in_memory = BASE + total + transient + calib
-    dev = (largest_unit + transient + calib) if on_device else 0
+    streamed = BASE + (largest_unit if on_device else peak_unit)
+    in_memory = BASE + total + max(0, peak_unit - largest_unit)
+    dev = peak_unit if on_device else 0
     return Estimate(streamed, in_memory, dev, largest_unit, parts)
 
 

@@ -160,8 +160,8 @@ class StreamRunner:
         path = Path(str(save.step.params.path))
         from surgery.outputs import check_output
 
-        check_output(self.program, str(path), self.plan.result if self.plan.result is not None
-                     else self.model, claim=distributed.is_writer())
+        check_output(self.program, str(path), self.model, claim=distributed.is_writer(),
+                     dtypes=self.stored)
         # distributed calibration (surgery.distributed): only rank 0 writes
         with atomic_dir(path) if distributed.is_writer() else contextlib.nullcontext() as tmp:
             self._open_writers(tmp)
@@ -200,6 +200,9 @@ class StreamRunner:
             self._task = task
             if block_row is None:
                 for unit in self.units:
+                    if self._untouched(unit):
+                        self._passthrough(unit)
+                        continue
                     self._process(unit)
                     self._finish(unit)
                 return
@@ -210,7 +213,9 @@ class StreamRunner:
                 for h in hooks:
                     h.remove()
             for unit in outside:  # what the calibration forward never needed
-                if not getattr(unit, "_done", False):
+                if not getattr(unit, "_loaded", False) and self._untouched(unit):
+                    self._passthrough(unit)
+                elif not getattr(unit, "_done", False):
                     self._process(unit)
                     self._finish(unit)
 
@@ -262,6 +267,37 @@ class StreamRunner:
         self.reports.add(row, result.report, time.perf_counter() - t0)
 
     # -- one unit ------------------------------------------------------------------------------
+    def _untouched(self, unit: Unit) -> bool:
+        """No step acts on ``unit`` (and it is not a block of the calibrated step)."""
+        from surgery.executor.schedule import is_streamable_merge
+
+        for row in self.stages.tensor_rows:
+            if is_streamable_merge(row.step.pass_cls, row.step.params):
+                return False
+            if any(_inside(p, unit) for p in row.modules):
+                return False
+        return not (unit.is_block and self.stages.block is not None)
+
+    def _passthrough(self, unit: Unit) -> None:
+        """Copy an untouched unit from the checkpoint to the output tensor by tensor, in its
+        stored dtype (no upcast: its values are what the in-memory run writes back)."""
+        from surgery.deploy import hf_dir
+
+        names: list[str] = []
+        for path in unit.paths:
+            mod = self.model.get_submodule(path) if path else self.model
+            prefix = f"{path}." if path else ""
+            names += [prefix + k for k in mod.state_dict(keep_vars=True)]
+        for name in names:
+            if name not in self.ck:  # a tied alias of a stored tensor
+                self.aliases[name] = self.res.key(name)
+                continue
+            t = hf_dir.stored({name: self.ck.read(name)}, self.stored)[name]
+            self.main.add(name, t)
+            del t
+        unit._loaded = unit._done = True
+        self._task.advance()
+
     def _process(self, unit: Unit) -> None:
         """Onload ``unit`` and run the TENSOR steps before the calibrated one on it."""
         self.res.onload(unit)
