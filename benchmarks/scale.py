@@ -114,6 +114,8 @@ def measure(cmd: list[str], env: dict) -> dict:
         r.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "wall_s": round(wall, 2),
+            # CPU seconds of the process tree: on a shared machine, the fairer time to compare
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3),
             "peak_tree_rss_gb": round(peak[0] / 1e9, 3),
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)}
@@ -152,8 +154,9 @@ def run_one(size: str, run: str, args) -> dict:
         row = {"size": size, "params_b": round(dims.params() / 1e9, 3), "run": run,
                "stream": args.stream,
                "blocks": n_blocks, "nproc": args.nproc or 1, "threads": args.threads,
-               "rc": m["rc"], "wall_s": m["wall_s"], "peak_rss_gb": m["peak_rss_gb"],
-               "peak_tree_rss_gb": m["peak_tree_rss_gb"], "plan_estimate": est,
+               "rc": m["rc"], "wall_s": m["wall_s"], "cpu_s": m["cpu_s"],
+               "peak_rss_gb": m["peak_rss_gb"], "peak_tree_rss_gb": m["peak_tree_rss_gb"],
+               "plan_estimate": est,
                "checkpoint_gb": round(sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
                                       / 1e9, 3)}
         if m["rc"] == 0:

@@ -93,7 +93,8 @@ def main(argv=None) -> None:
             shutil.rmtree(work, ignore_errors=True)
         row = {"tool": "llmcompressor", "size": args.size, "run": "gptq4",
                "blocks": args.blocks or SIZES[args.size].layers, "threads": args.threads,
-               "rc": m["rc"], "wall_s": m["wall_s"], "peak_rss_gb": m["peak_rss_gb"],
+               "rc": m["rc"], "wall_s": m["wall_s"], "cpu_s": m["cpu_s"],
+               "peak_rss_gb": m["peak_rss_gb"],
                "peak_tree_rss_gb": m["peak_tree_rss_gb"]}
         if m["rc"] != 0:
             row["error"] = m["stderr"][-3000:]
