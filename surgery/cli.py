@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", help="save the result here (overrides the script's save)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="calibrate with N processes on torch.distributed (launches torchrun)")
     # big models (docs/scale.md)
     ap.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                     help="out-of-core, block by block (auto: when the model does not fit)")
@@ -132,10 +134,14 @@ def _estimate(plan):
 
 
 def cmd_apply(args, console) -> int:
+    from surgery import distributed
     from surgery.progress import LogProgress, Progress, RichProgress
 
+    if args.nproc is not None and distributed.world_from_env() <= 1:
+        return _launch(args)
+    group = distributed.init_from_env(args.device)
     prog = _load_program(args.file)
-    if args.quiet or args.format == "json":
+    if args.quiet or args.format == "json" or not distributed.is_writer():
         progress = Progress()
     else:
         progress = RichProgress() if sys.stderr.isatty() else LogProgress()
@@ -145,6 +151,10 @@ def cmd_apply(args, console) -> int:
                         max_memory=args.max_memory, max_device_memory=args.max_device_memory,
                         max_shard_size=args.max_shard_size)
     rep = result.report
+    if not distributed.is_writer():
+        return EXIT_OK  # rank 0 reports
+    if group is not None and args.format != "json":
+        console.print(f"calibrated with {group.world} processes ({group.backend})")
     if args.format == "json":
         print(json.dumps(rep.to_json(), indent=2, default=str))
         return EXIT_OK
@@ -164,6 +174,35 @@ def cmd_apply(args, console) -> int:
         console.print(f"wrote {out}")
     _print_resources(rep, console)
     return EXIT_OK
+
+
+def _launch(args) -> int:
+    """`apply --nproc N`: this same command under torchrun (torch.distributed.run), N processes."""
+    import subprocess
+
+    from surgery.diagnostics import Code, error
+
+    if args.nproc < 1:
+        raise error(Code.E0911, f"--nproc must be at least 1 (got {args.nproc})")
+    argv = sys.argv[1:] if _argv is None else _argv
+    rest, skip = [], False
+    for a in argv:  # the command again, without --nproc (the ranks must not launch again)
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "surgery", *rest]
+    rc = subprocess.call(cmd)
+    if rc != 0:  # the ranks printed their own errors above
+        raise error(Code.E0910, f"the {args.nproc}-process run failed (torchrun exit {rc}); no "
+                    "output was written", help="the first error above names the rank that failed")
+    return EXIT_OK
+
+
+_argv: list[str] | None = None  # main()'s argv, for _launch
 
 
 def _print_resources(rep, console) -> None:
@@ -239,6 +278,8 @@ def cmd_explain(args, console) -> int:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
+    global _argv
+    _argv = argv
     args = _parser().parse_args(argv)
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True, soft_wrap=True)
@@ -265,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         atomic.release_all()  # output locks (their .lock files go with them)
+        from surgery import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

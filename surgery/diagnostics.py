@@ -221,6 +221,9 @@ class Code(str, enum.Enum):
     E0901 = "E0901"
     E0902 = "E0902"
     E0903 = "E0903"
+    # distributed calibration (surgery.distributed)
+    E0910 = "E0910"
+    E0911 = "E0911"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -292,6 +295,8 @@ TITLES: dict[Code, str] = {
     Code.E0901: "device unavailable",
     Code.E0902: "step cannot be streamed",
     Code.E0903: "expectation not evaluated in a streamed run",
+    Code.E0910: "a process of a distributed run failed",
+    Code.E0911: "cannot start or join a distributed run",
 }
 
 # Kept for callers that want code -> title as plain strings.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery import atomic, expectations
+from surgery import atomic, distributed, expectations
 from surgery.binder import Plan, PlanRow, bind
 from surgery.check import CheckedProgram
 from surgery.data import Dataset, corpus, text_file
@@ -151,7 +151,9 @@ class Runner:
         program = self.program
         if plan.model is None:
             raise ValueError("the plan is not bound to a real model: call plan.rebind(model)")
-        check_output(program, output or program.save_path, plan.model, claim=True)
+        # distributed runs (surgery.distributed): only rank 0 writes, so only it claims the output
+        check_output(program, output or program.save_path, plan.model,
+                     claim=distributed.is_writer())
         for note in atomic.take_notes():  # leftovers of killed runs, cleaned up by the claim
             self.progress.log(f"note: {note}")
         torch.manual_seed(self.seed)
@@ -183,7 +185,8 @@ class Runner:
             ctx = self._step(row, ctx, report, subject_name)
         report.expectations += expectations.check(program, ctx.model, data, before,
                                                   self.progress)
-        for row in (r for r in rows if r.step.pass_cls.is_output):
+        distributed.agree()  # every rank succeeded before rank 0 writes anything
+        for row in (r for r in rows if r.step.pass_cls.is_output and distributed.is_writer()):
             ctx = self._step(row, ctx, report, subject_name)
             report.outputs.append(str(row.step.params.path))
         return Result(ctx.model, report)

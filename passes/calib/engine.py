@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from surgery import distributed
 from surgery.modelcall import first_output, forward_ids
 from surgery.passapi import PassError, replace_module
 from surgery.passes.calib.stats import LinearStats
@@ -190,6 +191,15 @@ class _Engine:
         self.model = model
         self.batches = [calibration[i:i + batch_size]
                         for i in range(0, calibration.shape[0], batch_size)]
+        self.group = distributed.current()
+        if self.group is not None:  # this rank's contiguous share of the batches
+            share = distributed.batch_slice(len(self.batches), self.group)
+            if not share:
+                raise PassError(
+                    f"{len(self.batches)} calibration batch(es) cannot be shared by "
+                    f"{self.group.world} processes", hint="use a smaller batch (e.g. batch=1) or "
+                    "more calibration samples, or fewer processes")
+            self.batches = self.batches[share.start:share.stop]
         self.targets = targets
         self.transform = transform
         self.progress = progress
@@ -222,6 +232,10 @@ class _Engine:
                                 stop_at=self.model.get_submodule(blocks[0]))
                     outside = [t for t in outside if t not in early]
                     inputs, _ = self._capture(blocks[0], [])
+                # with targets only in the first blocks (a selector such as layers 0-3), the
+                # rest of the stack needs no forwards, unless targets after it (lm_head) do
+                last_needed = len(blocks) - 1 if outside else max(
+                    i for i, b in enumerate(blocks) if in_block[b])
                 for bi, bpath in enumerate(blocks):
                     task.describe(f"{self.label}: {bpath} ({bi + 1}/{len(blocks)})")
                     if residency is not None:
@@ -230,7 +244,7 @@ class _Engine:
                     fwd = (lambda blk: lambda i: blk(*inputs[i].args, **inputs[i].kwargs))(block)
                     if in_block[bpath]:
                         self._stage(fwd, in_block[bpath])
-                    if bi + 1 < len(blocks):  # the next block's inputs, from transformed weights
+                    if bi < last_needed:  # the next block's inputs, from transformed weights
                         block = self.model.get_submodule(bpath)
                         inputs = [inp.with_hidden(first_output(
                             block(*inp.args, **inp.kwargs))) for inp in inputs]
@@ -293,6 +307,9 @@ class _Engine:
             called = [p for p, _ in order if p in mods]
             stop_after = called[-1] if once and len(called) == len(mods) else None
             hooks = _StatsHooks(mods, self.gram, stop_after)
+            if self.group is not None:
+                for st in hooks.stats.values():
+                    st.defer()
             stop_handle = None
             if stop_at is not None:
                 stop_handle = stop_at.register_forward_pre_hook(_raise_stop)
@@ -308,13 +325,81 @@ class _Engine:
                 hooks.remove()
                 if stop_handle is not None:
                     stop_handle.remove()
+            owners = None
+            if self.group is not None:
+                owners = self._owners(mods)
+                self._reduce(hooks.stats, owners)
             never = [p for p, s in hooks.stats.items() if s.tokens == 0]
             if never:
                 raise PassError("the calibration forward never reached this layer",
                                 module=never[0], hint="select layers the model's forward uses")
+            if owners is not None:
+                self._solve_distributed(mods, hooks.stats, owners)
+                continue
             replaced = self.transform(mods, hooks.stats) or {}
             for p, new in replaced.items():
                 replace_module(self.model, p, new)
+
+    # -- distributed (surgery.distributed) ------------------------------------------------------
+
+    def _owners(self, mods: dict[str, nn.Module]) -> dict[str, int]:
+        """Which rank solves which layer: cost ~ in·(in + out) (Cholesky plus column sweep)."""
+        def cost(m):
+            w = m.weight
+            return int(w.shape[1]) * (int(w.shape[1]) + int(w.shape[0]))
+        paths = list(mods)
+        ranks = distributed.assign([cost(mods[p]) for p in paths], self.group.world)
+        return dict(zip(paths, ranks))
+
+    def _reduce(self, stats: dict[str, LinearStats], owners: dict[str, int]) -> None:
+        """Every layer's statistics, summed over ranks in batch order, on the layer's owner."""
+        g = self.group
+        last = g.world - 1
+        for path, st in stats.items():
+            st.samples, st.tokens = distributed.all_sum_ints(st.local_counts(), g)
+            state = st.float_state()
+            distributed.fold(state, st.apply_pending, g)
+            distributed.move(state, last, owners[path], g)
+            if g.rank != owners[path] and st.gram is not None:
+                st.gram = None  # partial sums, not needed here: free them early
+
+    def _solve_distributed(self, mods, stats, owners) -> None:
+        """Each rank transforms its own layers; each finished module (or the error that stopped
+        it) is broadcast from its owner, so every rank ends with the same block."""
+        g = self.group
+        mine = {p: m for p, m in mods.items() if owners[p] == g.rank}
+        failure = None
+        if mine:
+            try:
+                distributed.injected_failure(g)
+                replaced = self.transform(mine, {p: stats[p] for p in mine}) or {}
+                for p, new in replaced.items():
+                    replace_module(self.model, p, new)
+            except PassError as e:
+                failure = ("pass", e.message, e.module, e.hint)
+            except Exception as e:  # a crash: this rank re-raises it, the others report it
+                failure = ("crash", f"{type(e).__name__}: {e}", None, None)
+                crash = e
+        first = None
+        for p in mods:
+            owner = owners[p]
+            payload = None
+            if g.rank == owner:
+                payload = ("error", failure) if failure else ("ok", self.model.get_submodule(p))
+            kind, value = distributed.broadcast(payload, owner, g)
+            if kind == "ok":
+                if g.rank != owner:
+                    replace_module(self.model, p, value)
+            elif first is None:
+                first = (owner, value)
+        if first is None:
+            return
+        owner, (kind, message, module, hint) = first
+        if kind == "pass":
+            raise PassError(message, module=module, hint=hint)
+        if g.rank == owner:
+            raise crash
+        raise distributed.rank_failed(f"rank {owner} failed while solving its layers: {message}")
 
     def _record(self, forward: Callable[[int], Any], paths: list[str]):
         """Call order of ``paths`` on the first batch (for grouping and early stopping)."""

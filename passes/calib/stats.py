@@ -24,24 +24,65 @@ class LinearStats:
         self.seq_var_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.gram = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
                      if gram else None)
+        self.pending: list[dict] | None = None  # per-batch contributions, while deferred
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
-        """Add one batch of inputs (..., in_features); ``gram`` = its XᵀX if already computed."""
-        self.samples += x.shape[0] if x.dim() > 1 else 1
+        """Add one batch of inputs (..., in_features); ``gram`` = its XᵀX if already computed.
+
+        With ``defer()`` on, the batch's contribution is kept apart (for a distributed fold,
+        surgery.distributed) and added later by ``apply_pending`` in the same order."""
+        d = self._delta(x, gram)
+        if self.pending is not None:
+            self.pending.append(d)
+        else:
+            self._apply(d)
+
+    def _delta(self, x: torch.Tensor, gram: torch.Tensor | None) -> dict:
+        samples = x.shape[0] if x.dim() > 1 else 1
         seqs = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
         seqs = seqs.to(torch.float32)
-        self.seq_var_sum += (seqs.var(dim=1, unbiased=False) * seqs.shape[1]).sum(
-            0, dtype=torch.float64)
+        seq_var = (seqs.var(dim=1, unbiased=False) * seqs.shape[1]).sum(0, dtype=torch.float64)
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.tokens += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
+        d = {"samples": samples, "tokens": x.shape[0], "seq_var": seq_var,
+             "sum": x.sum(0, dtype=torch.float64)}
         if self.gram is not None:
-            g = x.T @ x if gram is None else gram  # float32 per batch; summed in float64
-            self.gram += g
-            self.sq_sum += g.diagonal()
+            d["gram"] = x.T @ x if gram is None else gram  # float32 per batch; summed in float64
         else:
-            self.sq_sum += (x * x).sum(0, dtype=torch.float64)
+            d["sq"] = (x * x).sum(0, dtype=torch.float64)
+        return d
+
+    def _apply(self, d: dict) -> None:
+        self.samples += d["samples"]
+        self.seq_var_sum += d["seq_var"]
+        self.tokens += d["tokens"]
+        self.sum += d["sum"]
+        if self.gram is not None:
+            self.gram += d["gram"]
+            self.sq_sum += d["gram"].diagonal()
+        else:
+            self.sq_sum += d["sq"]
+
+    # --- deferred accumulation (distributed calibration) -----------------------------------
+
+    def defer(self) -> None:
+        """Keep each batch's contribution apart until ``apply_pending``."""
+        self.pending = []
+
+    def apply_pending(self) -> None:
+        """Add the kept contributions in batch order (the counts are summed separately)."""
+        for d in self.pending or []:
+            self._apply({**d, "samples": 0, "tokens": 0})
+        self.pending = None
+
+    def local_counts(self) -> list[int]:
+        return [sum(d["samples"] for d in self.pending or []),
+                sum(d["tokens"] for d in self.pending or [])]
+
+    def float_state(self) -> list[torch.Tensor]:
+        """The float tensors a fold carries from rank to rank."""
+        return [self.sum, self.sq_sum, self.seq_var_sum] + (
+            [self.gram] if self.gram is not None else [])
 
     # --- derived quantities -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from surgery.passapi import (NM, CallValue, DataRef, Granularity, ModulePass, Pa
                              PassParams, PassResult, Percent, RunContext, ShapeProblem, State,
                              StepReport, register_state, replace_module)
 
+from surgery import distributed
 from surgery.passes.calib import LinearStats, calibrate_sequential
 from surgery.tying import tied_groups
 
@@ -151,6 +152,13 @@ class PrunePass(ModulePass):
         report = StepReport(modules=len(modules))
         report.metrics["pattern"] = str(self.params.sparsity)
         self.prune(ctx, modules, report)
+        if getattr(self, "_split_over_ranks", False):
+            # each rank installed some layers (surgery.distributed): merge what they reported
+            report.per_module = distributed.merged_report(report.per_module, order=list(modules))
+            swaps, ranks_with = distributed.summed([report.metrics.get("dsnot_swaps", 0),
+                                                    int("dsnot_swaps" in report.metrics)])
+            if ranks_with:
+                report.metrics["dsnot_swaps"] = swaps
         report.metrics["seconds"] = round(time.perf_counter() - t0, 3)
         total = sum(m.weight.numel() for m in modules.values())
         zero = sum(int((~ctx.model.get_submodule(p).weight_mask).sum()) for p in modules)
@@ -203,6 +211,7 @@ class PrunePass(ModulePass):
         calibrate_sequential(ctx.model, ds.calibration, modules, transform, progress=ctx.progress,
                              batch_size=self.params.batch_size, gram=gram,
                              label=f"prune ({self.method})")
+        self._split_over_ranks = distributed.current() is not None
 
     def refine(self, path: str, W: torch.Tensor, keep: torch.Tensor, initial: torch.Tensor,
                stats: LinearStats, report: StepReport) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
+from surgery import distributed
 from surgery.passapi import DataRef, Granularity, PassError, PassResult, RunContext
 from surgery.passes.calib import HessianError, calibrate_sequential
 from surgery.passes.calib.hessian import (act_order_perm, add_damping, dead_columns,
@@ -214,6 +215,9 @@ class Gptq(QuantizePass):
         calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
                              batch_size=p.batch, true_sequential=p.true_sequential,
                              label=f"GPTQ {p.format}")
+        # distributed: each rank solved some layers; rank 0 reports them all (no-op otherwise)
+        results = distributed.merged_report(results, order=list(modules))
+        sizes = distributed.summed(sizes)
         extra = {"calibration_samples": int(calib.shape[0]),
                  "calibration_tokens": int(calib.numel()),
                  "total_gptq_loss": float(sum(r["gptq_loss"] for r in results.values()))}

@@ -9,6 +9,7 @@ in their stored dtype).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import resource
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery import registry
+from surgery import distributed, registry
 from surgery.atomic import atomic_dir
 from surgery.binder import Plan, PlanRow
 from surgery.diagnostics import Diagnostic, SurgeryError, error
@@ -30,6 +31,21 @@ from surgery.executor.schedule import Stages, stages
 from surgery.executor.writer import DEFAULT_SHARD, ShardWriter
 from surgery.passapi import PassError, RunContext, StepReport
 from surgery.progress import Progress
+
+
+class _NoWriter:
+    """The shard writer of a rank that does not write (distributed runs: rank 0 writes)."""
+
+    parts: list = []
+
+    def add(self, name, t) -> None:
+        pass
+
+    def finish(self) -> list[str]:
+        return []
+
+    def abort(self) -> None:
+        pass
 
 
 @dataclass
@@ -144,11 +160,14 @@ class StreamRunner:
         path = Path(str(save.step.params.path))
         from surgery.outputs import check_output
 
-        check_output(self.program, str(path), self.model, claim=True, dtypes=self.stored)
-        with atomic_dir(path) as tmp:
+        check_output(self.program, str(path), self.model, claim=distributed.is_writer(),
+                     dtypes=self.stored)
+        # distributed calibration (surgery.distributed): only rank 0 writes
+        with atomic_dir(path) if distributed.is_writer() else contextlib.nullcontext() as tmp:
             self._open_writers(tmp)
             try:
                 self._execute()
+                distributed.agree()  # every rank succeeded before rank 0 publishes
             except BaseException:  # the atomic directory is discarded; close the open shard
                 self.main.abort()
                 self.extra.abort()
@@ -160,7 +179,8 @@ class StreamRunner:
                     self.reports.seconds.get(row.line, 0.0),
                     self.reports.reports.get(row.line, StepReport())))
             report.steps.sort(key=lambda s: s.line)
-            self._write_meta(tmp, prov, tokenizer, files)
+            if tmp is not None:
+                self._write_meta(tmp, prov, tokenizer, files)
         report.outputs.append(str(path))
         report.steps.append(StepRecord(save.line, save.text, "save", save.step.method, 0.0,
                                        StepReport(metrics={"path": str(path)})))
@@ -383,6 +403,10 @@ class StreamRunner:
         self.layout, self.converted, _ = hf_dir.classify(
             final, registry.surgery_modules(final), hf=hf_dir._is_hf(self.model))
         stem = "surgery" if self.layout == "surgery-only" else "model"
+        if tmp is None:  # a rank other than 0: computes the same blocks, writes nothing
+            self.main = self.extra = _NoWriter()
+            self.aliases = {}
+            return
         self.main = ShardWriter(tmp, stem, self.opt.max_shard_bytes)
         self.extra = ShardWriter(tmp, "surgery", self.opt.max_shard_bytes)
         self.aliases: dict[str, str] = {}
