@@ -165,3 +165,13 @@ def test_api_models_must_be_declared(tiny_hf_dir):
     with pytest.raises(SurgeryError) as e:
         surgery.apply(base, text, models={"donr": base})
     assert e.value.codes == ["E0200"] and "does not declare" in e.value.render()
+
+
+@pytest.mark.slow  # exports SmolLM2 to GGUF and converts it back (about a minute on 2 cores)
+def test_exported_gguf_is_a_source_again(smollm2, tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.gguf"
+    surgery.apply(smollm2, f'model base = "zoo:smollm2-135m"\nexport gguf(type=f32) "{out}"\n')
+    back = load_model(f"gguf:{out}")
+    assert torch.allclose(logits(back.model), logits(smollm2.model), atol=1e-4, rtol=0)
+    assert back.tokenizer("hello world").input_ids == smollm2.tokenizer("hello world").input_ids
