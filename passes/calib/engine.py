@@ -230,7 +230,9 @@ class _Engine:
                     fwd = (lambda blk: lambda i: blk(*inputs[i].args, **inputs[i].kwargs))(block)
                     if in_block[bpath]:
                         self._stage(fwd, in_block[bpath])
-                    if bi + 1 < len(blocks):  # the next block's inputs, from transformed weights
+                    # the next block's inputs, from transformed weights; not needed after the
+                    # last block with targets (targets outside the blocks run full forwards)
+                    if any(in_block[b] for b in blocks[bi + 1:]):
                         block = self.model.get_submodule(bpath)
                         inputs = [inp.with_hidden(first_output(
                             block(*inp.args, **inp.kwargs))) for inp in inputs]
