@@ -338,3 +338,17 @@ def test_auto_streams_when_the_in_memory_estimate_exceeds_the_budget(ckpt, tmp_p
     assert main(["apply", str(s), "-o", str(tmp_path / "b"), "--format", "json"]) == 0
     assert "streamed" not in json.loads(capsys.readouterr().out)  # fits: in memory
     _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_gptq_on_the_first_block_only_streams_identically(ckpt, tmp_path):
+    s = _script(tmp_path, f"""
+        model base = "hf:{ckpt}"
+        data calib = corpus("pydoc", samples=4, seqlen=32)
+        quantize modules("model.layers.0.*") to int4 using gptq(data=calib, group=32)
+    """)
+    assert _apply(s, tmp_path / "mem", "--stream", "off") == 0
+    assert _apply(s, tmp_path / "str", "--stream", "on") == 0
+    mem, streamed = _weights(tmp_path / "mem"), _weights(tmp_path / "str")
+    _same(mem, streamed)
+    assert "model.layers.1.mlp.down_proj.weight" in streamed  # the untouched block is written
+    assert streamed["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16

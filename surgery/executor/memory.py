@@ -95,7 +95,8 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
         if not touched and not merges and not in_calib and not embeds:
             costs.append(stored_bytes * biggest)  # copied through, one tensor at a time
             continue
-        cost = 4 * params + stored_bytes * biggest
+        # reading a tensor maps its pages and copies them (2x), before the fp32 upcast
+        cost = 4 * params + 2 * stored_bytes * biggest
         heavy_targets = [model.get_submodule(p) for r in heavy for p in r.modules
                          if _inside(p, u)]
         widest = max((sum(t.numel() for t in m.parameters()) for m in heavy_targets), default=0)

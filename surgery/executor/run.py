@@ -425,9 +425,10 @@ class StreamRunner:
                     if _inside(p, unit)}
             v = hf_dir.view(self.model, tensors, mods)
             tensors, extras = v.tensors, v.extras
-        tensors = hf_dir.stored(tensors, self.stored)
-        for k in sorted(tensors):
-            self.main.add(k, tensors[k].cpu())
+        for k in sorted(tensors):  # cast one tensor at a time: no second copy of the unit
+            t = hf_dir.stored({k: tensors.pop(k)}, self.stored)[k]
+            self.main.add(k, t.cpu())
+            del t
         for k in sorted(extras):
             self.extra.add(k, extras[k].cpu())
 
