@@ -146,7 +146,8 @@ def _rope_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 
 def _tensors(model: nn.Module, n_head: int, n_kv: int):
-    """(our name, Weight or 1-D float tensor, is_rope_q_or_k heads) for every tensor to write."""
+    """(our tensor name, Weight or 1-D float tensor, heads) for every tensor to write; ``heads``
+    is the head count whose rotary rows are reordered (q/k projections), else 0."""
     embed = model.get_input_embeddings()
     out = []
     for path, mod in model.named_modules():
