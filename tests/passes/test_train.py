@@ -290,3 +290,16 @@ def test_qlora_run_trains_adapters_over_a_frozen_int8_base(tokenizer, tmp_path):
     trained, before = adapter_state(r.model), adapter_state(untrained.model)
     assert any(not torch.equal(trained[k], before[k]) for k in trained)
     assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+
+def test_script_builder_writes_train_statements():
+    from surgery.builder import Ref, Script
+
+    s = (Script().version().model("base", "zoo:smollm2-135m")
+         .data("calib", "pydoc", samples=16, seqlen=32)
+         .adapt('modules("**.q_proj")', with_="lora")
+         .train("adapters", on="calib", for_=200, using="distill", teacher=Ref("original"), lr=5e-4))
+    text = s.to_text()
+    assert "train adapters on calib for 200 steps using distill(teacher=original, lr=0.0005)" in text
+    step = s.compile().check().steps[-1]
+    assert (step.method, step.params.steps, step.params.teacher) == ("distill", 200, "original")
