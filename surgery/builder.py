@@ -111,6 +111,8 @@ class Script:
             return self._call(items[0], params) if params else str(items[0])
         if part.slot is verbs.Slot.PATH:
             return self._value(items[0])
+        if part.slot is verbs.Slot.COUNT:  # for_=200 -> `200 steps`
+            return f"{int(items[0])} {'step' if int(items[0]) == 1 else 'steps'}"
         return ", ".join(str(x) for x in items)
 
     def __getattr__(self, verb: str):
@@ -139,6 +141,10 @@ class Script:
 
     def lower(self, *ops: str, to: str = "triton", in_: str | None = None, **kw) -> "Script":
         return self.statement("lower", *ops, to=to, in_=in_, **kw)
+
+    def train(self, what: str, *, on: str, for_: int, using: str = "lm", **kw) -> "Script":
+        """``what`` is "adapters" or a selector; ``for_`` counts optimizer steps."""
+        return self.statement("train", what, on=on, for_=for_, using=using, **kw)
 
     def expect(self, condition: str) -> "Script":
         return self._add(f"expect {condition}")

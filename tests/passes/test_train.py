@@ -3,6 +3,8 @@ full logits, distillation, and located errors for bad input."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -290,3 +292,71 @@ def test_qlora_run_trains_adapters_over_a_frozen_int8_base(tokenizer, tmp_path):
     trained, before = adapter_state(r.model), adapter_state(untrained.model)
     assert any(not torch.equal(trained[k], before[k]) for k in trained)
     assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+
+def test_script_builder_writes_train_statements():
+    from surgery.builder import Ref, Script
+
+    s = (Script().version().model("base", "zoo:smollm2-135m")
+         .data("calib", "pydoc", samples=16, seqlen=32)
+         .adapt('modules("**.q_proj")', with_="lora")
+         .train("adapters", on="calib", for_=200, using="distill", teacher=Ref("original"), lr=5e-4))
+    text = s.to_text()
+    assert "train adapters on calib for 200 steps using distill(teacher=original, lr=0.0005)" in text
+    step = s.compile().check().steps[-1]
+    assert (step.method, step.params.steps, step.params.teacher) == ("distill", 200, "original")
+
+
+def test_distillation_from_a_declared_teacher_loads_it(tiny_hf_dir):
+    text = (f'surgery 1\nmodel base = "hf:{tiny_hf_dir}"\nmodel teacher = "hf:{tiny_hf_dir}"\n'
+            + DATA + 'prune modules("**.mlp.*_proj") to 2:4\n'
+            'train modules("**.mlp.*_proj") on calib for 2 steps using distill(teacher=teacher, '
+            'batch=4, hidden_mse=1)\n')
+    r = surgery.compile(text).apply(seed=0)
+    m = train_step(r).report.metrics
+    assert m["steps"] == 2 and m["loss_first"] > 0  # the pruned student differs from its teacher
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_to_identical_saved_bytes(tiny_hf_dir, tmp_path):
+    """A real `surgery apply` process killed with SIGKILL mid-training, rerun: the saved weights
+    are byte-identical to those of a run that was never interrupted."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def script(out):
+        return (f'surgery 1\nmodel base = "hf:{tiny_hf_dir}"\n' + DATA + ADAPT +
+                "train adapters on calib for 40 steps using lm(lr=0.01, batch=4, "
+                f'checkpoint_every=2)\nsave "{out}"\n')
+
+    def apply(path, **kw):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.Popen([sys.executable, "-m", "surgery.cli", "apply", str(path), "--quiet"],
+                                env=env, cwd=tmp_path, **kw)
+
+    def digest(out):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.iterdir()) if p.suffix == ".safetensors"}
+
+    (tmp_path / "a.surg").write_text(script(tmp_path / "a"))
+    assert apply(tmp_path / "a.surg").wait(timeout=900) == 0
+    (tmp_path / "b.surg").write_text(script(tmp_path / "a"))  # the same text: the same run
+    ckpt = tmp_path / "a.train-line5.ckpt"
+    proc = apply(tmp_path / "b.surg")
+    reference = digest(tmp_path / "a")
+    import shutil
+    shutil.rmtree(tmp_path / "a")
+    deadline = time.time() + 900
+    while not (ckpt / "checkpoint.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads((ckpt / "checkpoint.json").read_text())["step"]
+    assert 2 <= step < 40
+    assert apply(tmp_path / "b.surg").wait(timeout=900) == 0
+    assert digest(tmp_path / "a") == reference and reference
+    assert not ckpt.exists()
