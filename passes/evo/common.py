@@ -112,9 +112,13 @@ def fill_report(report: StepReport, result: SearchResult, names: list[str], show
         if e is not None:
             report.per_module[n]["error"] = round(e, 6)
     report.metrics["search_trace"] = [round(h["fitness"], 6) for h in result.history]
-    report.files[f"evopress-{key}.png"] = allocation_png(
-        [short(n) for n in names], shown, errors, level_label=level_label, title=title,
-        error_label=error_label)
+    try:
+        report.files[f"evopress-{key}.png"] = allocation_png(
+            [short(n) for n in names], shown, errors, level_label=level_label, title=title,
+            error_label=error_label)
+    except ImportError:  # the chart is a convenience: the levels are in the report anyway
+        report.notes.append("no allocation chart: matplotlib is not installed "
+                            "(pip install matplotlib)")
 
 
 def linear_loader(model: nn.Module, paths: list[str], fetch: Callable[[str, int], torch.Tensor]):
