@@ -232,3 +232,27 @@ def test_minilm_padded_batch_embeddings(tmp_path):
         one = tok([t], return_tensors="np")
         a = sess.run(None, {n: one[n].astype(np.int64) for n in names})[0][0].mean(0)
         assert a @ pooled[i] / np.linalg.norm(a) / np.linalg.norm(pooled[i]) >= 0.9999
+
+
+def test_onnxruntime_genai_generates_like_transformers(fp32, base):
+    """onnxruntime-genai reads the directory (genai_config.json beside the graph) and its greedy
+    tokens equal transformers' on the same weights."""
+    og = pytest.importorskip("onnxruntime_genai",
+                             reason="onnxruntime-genai is not installed (pip install "
+                                    "onnxruntime-genai); the graph is still checked with ORT")
+    from transformers import LlamaForCausalLM
+
+    _, _, out = fp32
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["filename"] == "model.onnx"
+    prompt = [5, 17, 42, 9, 77, 3]
+    want = _generate(LlamaForCausalLM.from_pretrained(base).eval(), prompt, 12)
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + len(want), do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    got = list(gen.get_sequence(0))[len(prompt):]
+    assert got[:len(want)] == want

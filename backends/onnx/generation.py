@@ -237,10 +237,49 @@ def _real_positions(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return x[mask[:, mask.shape[1] - x.shape[1]:]]
 
 
+def genai_config(model: nn.Module, filename: str) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for the KV-cache graph ``filename``: the model's
+    dimensions, our input/output names, and greedy search as the default (what we verify)."""
+    cfg = model.config
+    shape = CacheShape.of(model)
+    gen = getattr(model, "generation_config", None)
+
+    def token(name: str, default: int = 0):
+        value = getattr(gen, name, None) if gen is not None else None
+        return value if value is not None else (getattr(cfg, name, None) or default)
+
+    context = getattr(cfg, "max_position_embeddings", None) or 2048
+    return {
+        "model": {
+            "bos_token_id": token("bos_token_id"), "eos_token_id": token("eos_token_id"),
+            "pad_token_id": token("pad_token_id", token("eos_token_id")),
+            "context_length": context, "type": cfg.model_type, "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename, "head_size": shape.head_dim,
+                "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": shape.layers, "num_key_value_heads": shape.kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
+                   "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "diversity_penalty": 0.0},
+    }
+
+
 def write_sidecars(model: nn.Module, directory: Path, tokenizer=None,
-                   tokenizer_source: Path | None = None) -> list[str]:
-    """config.json, generation_config.json and the tokenizer files beside the graph, so the
-    directory is what optimum's ORTModelForCausalLM.from_pretrained(directory) reads."""
+                   tokenizer_source: Path | None = None, graph: str = "model.onnx") -> list[str]:
+    """config.json, generation_config.json, genai_config.json and the tokenizer files beside the
+    graph, so the directory is what optimum's ORTModelForCausalLM.from_pretrained(directory)
+    and onnxruntime-genai's og.Model(directory) read."""
     from surgery.deploy.tokenizer_files import copy_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -250,7 +289,8 @@ def write_sidecars(model: nn.Module, directory: Path, tokenizer=None,
         config.pop(k, None)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True,
                                                       default=str))
-    written = ["config.json"]
+    written = ["config.json", "genai_config.json"]
+    (directory / "genai_config.json").write_text(json.dumps(genai_config(model, graph), indent=2))
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(str(directory))

@@ -113,7 +113,7 @@ class OnnxExport(ModelPass):
         prov = ctx.extras.get(emit.PROVENANCE)
         files = write_sidecars(ctx.model, Path(p.path).parent,
                                tokenizer=prov.tokenizer if prov is not None else None,
-                               tokenizer_source=base_source_dir(ctx))
+                               tokenizer_source=base_source_dir(ctx), graph=Path(p.path).name)
         return self._report(ctx, modules, r, [f"KV-cache decoder graph; beside it: "
                                               f"{', '.join(files)}"])
 
