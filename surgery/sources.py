@@ -23,6 +23,7 @@ import os
 import re
 from pathlib import Path
 
+from surgery.deploy.tokenizer_files import TOKENIZER_FILES
 from surgery.diagnostics import error
 from surgery.paths import cache_root
 
@@ -33,10 +34,7 @@ HF_HELP = ("`hf:` takes a directory holding config.json and *.safetensors, one .
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
 # Files a directory view links besides the weights: what transformers reads to build the model
 # and its tokenizer.
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-               "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-               "chat_template.json")
+_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def _file_key(path: Path) -> str:
