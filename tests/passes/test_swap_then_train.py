@@ -15,13 +15,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "swap_then_train.su
 def reduced(text: str, steps: int, windows: int) -> str:
     """The example with fewer steps and evaluation windows, and no save."""
     lines = [ln for ln in text.splitlines() if not ln.startswith(("save", "expect"))]
-    out = "\n".join(lines).replace("for 50 steps", f"for {steps} steps")
+    out = "\n".join(lines).replace("for 200 steps", f"for {steps} steps")
     return out.replace("eval_windows=32", f"eval_windows={windows}") + "\n"
 
 
 def test_example_reads_as_a_pure_script():
     text = EXAMPLE.read_text()
-    assert "train adapters on calib for 50 steps using distill(teacher=original" in text
+    assert "train adapters on calib for 200 steps using distill(teacher=original" in text
     steps = [s.verb for s in surgery.compile(text).check().steps]
     assert steps == ["swap", "adapt", "train", "save"]
 
