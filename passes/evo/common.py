@@ -121,6 +121,28 @@ def fill_report(report: StepReport, result: SearchResult, names: list[str], show
                             "(pip install matplotlib)")
 
 
+def build_and_search(ctx: RunContext, p: SearchParams, db, calib: torch.Tensor, modules,
+                     transform, report: StepReport, *, t0: float, paths: list[str],
+                     kl: KLFitness, start: list[int], sizes, values, label: str) -> SearchResult:
+    """The level database (built layer-sequentially by ``transform``, or reused from disk),
+    then the search over it: the part every EvoPress family shares."""
+    import time
+
+    from surgery.passes.calib import calibrate_sequential
+
+    if db.reusable():
+        report.notes.append(f"level database reused from {p.database}")
+    else:
+        calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
+                             batch_size=p.batch_size, gram=True,
+                             label="evopress: level database")
+        db.finish()
+    report.metrics["database_seconds"] = round(time.perf_counter() - t0, 3)
+    report.metrics["database_bytes"] = db.bytes_on_disk()
+    load = linear_loader(ctx.model, paths, lambda q, lv: db.get(q, lv)["weight"])
+    return search(ctx, p, kl, start, sizes, values, load, label)
+
+
 def linear_loader(model: nn.Module, paths: list[str], fetch: Callable[[str, int], torch.Tensor]):
     """A `load(state)` that writes each Linear's weight at its level, reading only changes."""
     current: dict[str, int] = {}

@@ -11,15 +11,14 @@ import torch
 from pydantic import Field, field_validator
 
 from surgery.passapi import CallValue, Granularity, PassError, PassResult, StepReport, replace_module
-from surgery.passes.calib import calibrate_sequential
-from surgery.passes.quantize.common import QuantizePass, float_bytes, relative_error
+from surgery.passes.quantize.common import QuantizePass, float_bytes
 from surgery.passes.quantize.qlinear import QuantLinear
 from surgery.registry import register
 
 from . import variants
 from .budget import BudgetProblem, check_budget
-from .common import (SearchParams, database_key, dense_targets, fill_report, linear_loader,
-                     search, start_level)
+from .common import (SearchParams, build_and_search, database_key, dense_targets, fill_report,
+                     start_level)
 from .database import VariantDB
 from .search import average, initial_state
 
@@ -147,17 +146,9 @@ class EvoPressQuantize(QuantizePass):
                                variants.output_error(W, Wq, stats[path]))
                 start_level(mods, db, level_of)
 
-            if db.reusable():
-                report.notes.append(f"level database reused from {p.database}")
-            else:
-                calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
-                                     batch_size=p.batch_size, gram=True,
-                                     label="evopress: level database")
-                db.finish()
-            report.metrics["database_seconds"] = round(time.perf_counter() - t0, 3)
-            report.metrics["database_bytes"] = db.bytes_on_disk()
-            load = linear_loader(ctx.model, paths, lambda q, lv: db.get(q, lv)["weight"])
-            result = search(ctx, p, kl, start, sizes, values, load, "evopress quantize")
+            result = build_and_search(ctx, p, db, calib, modules, transform, report, t0=t0,
+                                      paths=paths, kl=kl, start=start, sizes=sizes,
+                                      values=values, label="evopress quantize")
             after = 0
             for path, lv in zip(paths, result.state):
                 q = db.get(path, lv)["module"]
