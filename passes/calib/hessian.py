@@ -28,12 +28,16 @@ def add_damping(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return H
 
 
-def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): cholesky -> cholesky_inverse -> cholesky."""
+def inverse_cholesky_upper(H: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): cholesky -> cholesky_inverse -> cholesky.
+
+    ``overwrite``: H⁻¹ is written over a float32 H (garbage afterwards), so that at most two
+    in x in matrices are alive at once instead of four (0.8 GB each for in = 14336)."""
     H = H.to(torch.float32)
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() == 0:
-        Hinv = torch.cholesky_inverse(L)
+        Hinv = torch.cholesky_inverse(L, out=H) if overwrite else torch.cholesky_inverse(L)
+        del L
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
     if info.item() != 0:
         raise HessianError("the damped Hessian is not positive definite; increase damp")
@@ -56,6 +60,7 @@ def prepare_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float, act_order
     if act_order:
         perm = act_order_perm(H)
         W = W[:, perm]
-        H = H[perm][:, perm]
+        H = H[perm]  # one permuted copy at a time (the caller's H stays alive)
+        H = H[:, perm]
     add_damping(H, percdamp)
-    return W, inverse_cholesky_upper(H), dead, perm
+    return W, inverse_cholesky_upper(H, overwrite=True), dead, perm

@@ -109,3 +109,12 @@ class LinearStats:
         if self.gram is None:
             raise ValueError("these statistics were collected without the Gram matrix")
         return (self.gram * (2.0 / max(self.samples, 1))).to(torch.float32)
+
+    def take_hessian(self) -> torch.Tensor:
+        """``hessian()``, bit for bit, scaling the float64 Gram matrix in place and releasing it:
+        for a 14336-wide down projection that saves a 1.6 GB float64 temporary and the 1.6 GB
+        accumulator itself. The statistics have no Gram matrix afterwards."""
+        if self.gram is None:
+            raise ValueError("these statistics were collected without the Gram matrix")
+        gram, self.gram = self.gram, None
+        return gram.mul_(2.0 / max(self.samples, 1)).to(torch.float32)

@@ -78,11 +78,12 @@ class SparseGPTPrune(PrunePass):
         def transform(mods, stats):
             for path, mod in mods.items():
                 W = mod.weight.detach()
-                H = stats[path].hessian()
+                H = stats[path].hessian() if p.refine else stats[path].take_hessian()
                 try:
                     if p.refine is None:
                         Wn, keep = sparsegpt(W, H, n=n, m=m, fraction=frac, blocksize=p.block,
-                                             percdamp=p.damp)
+                                             percdamp=p.damp, consume_hessian=True)
+                        del H
                         self.install(ctx, path, keep, weight=Wn, report=report,
                                      training=p.training)
                         continue

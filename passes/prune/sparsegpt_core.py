@@ -18,11 +18,14 @@ from .masks import nm_keep, split_counts
 
 
 def sparsegpt(W: torch.Tensor, H: torch.Tensor, *, n: int | None = None, m: int | None = None,
-              fraction: float | None = None, blocksize: int = 128, percdamp: float = 0.01
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (new weight in W's dtype, keep mask). Give either ``n, m`` or ``fraction``."""
+              fraction: float | None = None, blocksize: int = 128, percdamp: float = 0.01,
+              consume_hessian: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (new weight in W's dtype, keep mask). Give either ``n, m`` or ``fraction``.
+    ``consume_hessian``: H (float32) may be overwritten, saving a copy of it."""
     rows, cols = W.shape
-    Wf, Hinv, _, _ = prepare_hessian(H.clone().float(), W.clone().float(), percdamp)
+    H = H if consume_hessian and H.dtype == torch.float32 else H.clone().float()
+    Wf, Hinv, _, _ = prepare_hessian(H, W.clone().float(), percdamp)
+    del H
     nm = n is not None
     bs = max(m, blocksize // m * m) if nm else blocksize
     keep = torch.ones(rows, cols, dtype=torch.bool)

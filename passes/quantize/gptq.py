@@ -61,20 +61,26 @@ def _one_thread():
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group: int | None, *,
                   block: int = 128, damp: float = 0.01, act_order: bool = False,
                   static_groups: bool = False, clip: ClipSearch | None = None,
-                  mask: torch.Tensor | None = None) -> GptqResult:
+                  mask: torch.Tensor | None = None, consume_hessian: bool = False) -> GptqResult:
     """GPTQ of one weight (out, in) with Hessian H (in, in); the reference ``fasterquant``.
 
     ``group`` None = per output channel. With ``act_order`` and no ``static_groups`` the groups
     follow the permuted column order, so the result is stored permuted (``perm``) and groups stay
     contiguous in storage. ``mask`` (True = kept) pins pruned weights to exact zeros.
+    ``consume_hessian``: H (float32) is overwritten and released as soon as it is factored (at
+    14336 inputs each copy of H is 0.8 GB); the caller must not keep a reference to it.
     """
+    if not (consume_hessian and H.dtype == torch.float32):
+        H = H.detach().to(torch.float32).clone()
+    box = [H]  # handed over in a list so that no frame but _gptq's holds H
+    del H
     with _one_thread():
-        return _gptq(W, H, fmt, group, block, damp, act_order, static_groups, clip, mask)
+        return _gptq(W, box, fmt, group, block, damp, act_order, static_groups, clip, mask)
 
 
-def _gptq(W, H, fmt, group, block, damp, act_order, static_groups, clip, mask) -> GptqResult:
+def _gptq(W, box, fmt, group, block, damp, act_order, static_groups, clip, mask) -> GptqResult:
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float32).clone()
+    H = box.pop()
     rows, cols = W.shape
     g = group or cols
     if mask is not None:
@@ -88,11 +94,14 @@ def _gptq(W, H, fmt, group, block, damp, act_order, static_groups, clip, mask) -
     perm = None
     if act_order:
         perm = act_order_perm(H)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # one permuted copy at a time: the previous one is freed
+        H = H[:, perm]
         if mask is not None:
             mask = mask[:, perm]
     add_damping(H, damp)
-    Hinv = inverse_cholesky_upper(H)
+    Hinv = inverse_cholesky_upper(H, overwrite=True)
+    del H
 
     n_groups = cols // g
     scales = torch.empty(rows, n_groups)
@@ -197,10 +206,11 @@ class Gptq(QuantizePass):
             for path, mod in mods.items():
                 w = mod.weight
                 try:
-                    r = gptq_quantize(w, stats[path].hessian(), fmt,
+                    r = gptq_quantize(w, stats[path].take_hessian(), fmt,
                                       p.group, block=p.block, damp=p.damp,
                                       act_order=p.act_order, static_groups=p.static_groups,
-                                      clip=p.clip_search(), mask=existing_mask(mod))
+                                      clip=p.clip_search(), mask=existing_mask(mod),
+                                      consume_hessian=True)
                 except HessianError as e:
                     raise PassError(str(e), module=path,
                                     hint=f"try damp={min(1.0, p.damp * 10):g}") from None

@@ -145,12 +145,14 @@ class Resident:
         raise error("E0603", f"the checkpoint has no tensor `{name}`",
                     help="the checkpoint does not match its config.json")
 
-    def _convert(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():
+    def _convert(self, t: torch.Tensor, stored: bool = False) -> torch.Tensor:
+        if t.is_floating_point() and not stored:
             return t.to(device=self.device, dtype=self.dtype)
         return t.to(self.device)
 
-    def onload(self, unit: Unit) -> None:
+    def onload(self, unit: Unit, stored: bool = False) -> None:
+        """Read ``unit`` from the checkpoint; in the compute dtype, or with ``stored`` in the
+        dtype it is stored in (for a unit only read, never transformed)."""
         done: dict[int, torch.Tensor] = {}  # old meta tensor -> its onloaded replacement (ties)
         for path in unit.paths:
             root = self.model.get_submodule(path) if path else self.model
@@ -163,7 +165,7 @@ class Resident:
                         continue
                     else:
                         full = f"{mpath}.{name}" if mpath else name
-                        t = self._convert(self.checkpoint.read(self.key(full)))
+                        t = self._convert(self.checkpoint.read(self.key(full)), stored)
                         if tuple(t.shape) != tuple(cur.shape):
                             raise error("E0603", f"`{full}` has shape {tuple(t.shape)} in the "
                                                  f"checkpoint but {tuple(cur.shape)} in "

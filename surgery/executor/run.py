@@ -230,10 +230,30 @@ class StreamRunner:
                 mod = self.model.get_submodule(p) if p else self.model
 
                 def pre(module, args, unit=unit):
-                    if not getattr(unit, "_loaded", False):
+                    if getattr(unit, "_loaded", False):
+                        return
+                    if self._untouched(unit):
+                        self._onload_stored(unit)
+                    else:
                         self._process(unit)
                 hooks.append(mod.register_forward_pre_hook(pre))
         return hooks
+
+    def _onload_stored(self, unit: Unit) -> None:
+        """Onload a unit no step transforms in its stored dtype, its float outputs cast to the
+        compute dtype: the same values as an upcast copy (an embedding lookup of bf16 rows, then
+        the cast, equals the lookup of the upcast table), at half the memory for a bf16
+        checkpoint. A tied 128256 x 2048 embedding is 0.53 GB in bf16 against 1.05 GB in fp32."""
+        self.res.onload(unit, stored=True)
+        unit._loaded = True
+        dtype = self.res.dtype
+
+        def cast(module, args, output):
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                return output.to(dtype)
+            return output
+        unit._cast_hooks = [(self.model.get_submodule(p) if p else self.model)
+                            .register_forward_hook(cast) for p in unit.paths]
 
     def _calibrate(self, row: PlanRow, by_path: dict[str, Unit], hooks) -> None:
         from surgery.passes.calib import engine
@@ -314,6 +334,8 @@ class StreamRunner:
             self._tensor_step(row, unit)
         self._write_unit(unit)
         self.res.offload(unit)
+        for h in getattr(unit, "_cast_hooks", []):
+            h.remove()
         unit._done = True
         from surgery.passes.merge.stream import _release_freed_memory
 
