@@ -90,9 +90,10 @@ class _Reports:
                 agg.metrics[k] = agg.metrics.get(k, 0) + v
             else:  # ratios and means: weighted by the parameters of each unit
                 n = max(rep.parameters, 1)
-                old = agg.metrics.get(k, 0.0) * w.get(k, 0.0)
-                w[k] = w.get(k, 0.0) + n
-                agg.metrics[k] = (old + v * n) / w[k]
+                seen = w.get(k, 0.0)
+                w[k] = seen + n
+                # one report (a calibrated step's) keeps its value exactly: v * n / n may not
+                agg.metrics[k] = v if not seen else (agg.metrics[k] * seen + v * n) / w[k]
 
 
 class StreamRunner:
