@@ -251,3 +251,25 @@ def test_two_gloo_processes_stream_two_calibrated_steps_like_one(ckpt, tmp_path)
         digests[n] = ({f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))},
                       _reports(out))
     assert digests[1][0] and digests[1] == digests[2]
+
+
+def test_a_pass_that_calibrates_twice_is_stopped_with_a_located_error(ckpt, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A pass running the engine a second time (after its sweep) cannot share the pass: E0902
+    at its line, not a second write of every block."""
+    from surgery.passes.quantize import gptq
+
+    real = gptq.calibrate_sequential
+
+    def twice(*a, **k):
+        real(*a, **k)
+        real(*a, **k)
+
+    monkeypatch.setattr(gptq, "calibrate_sequential", twice)
+    s = _script(tmp_path, SPARSE_GPTQ.format(ckpt=ckpt))
+    assert _apply(s, tmp_path / "out", "--stream", "on") == 2
+    err = capsys.readouterr().err
+    assert "error[E0902]: `quantize using gptq` does not calibrate block by block" in err
+    assert ":6:" in err
+    assert not (tmp_path / "out").exists()
+    assert _no_step_threads()

@@ -65,6 +65,9 @@ class _StepResidency:
     def __init__(self, sweep: "Sweep", j: int):
         self.sweep, self.j = sweep, j
 
+    def begin(self) -> None:
+        self.sweep.hook(self.j, "begin", None)
+
     def captured(self) -> None:
         self.sweep.hook(self.j, "captured", None)
 
@@ -90,6 +93,7 @@ class Sweep:
         self.pos = (0, 0)  # (round, step) whose turn it is; None once every round is over
         self.done = [False] * self.k
         self.entered: list[str | None] = [None] * self.k
+        self.begun = [False] * self.k
         self.cond = threading.Condition()
         self.failure: BaseException | None = None
         self.busy = [0.0] * self.k  # seconds each step held the baton
@@ -229,16 +233,20 @@ class Sweep:
     def hook(self, j: int, kind: str, bpath: str | None) -> None:
         if self.failure is not None:
             raise _Abort
-        r = 0 if kind == "captured" else self.index.get(bpath, -2) + 1
-        if self.pos != (r, j) or (kind == "enter") == (self.entered[j] == bpath):
+        r = 0 if kind in ("begin", "captured") else self.index.get(bpath, -2) + 1
+        if self.pos != (r, j) or (kind == "begin" and self.begun[j]) \
+                or (kind == "enter") == (self.entered[j] == bpath):
             row = self.rows[j]
             raise SurgeryError(Diagnostic(
                 "E0902", f"`{row.step.verb} using {row.step.method}` does not calibrate block "
                          "by block in one sweep (its calibration reached "
-                         f"{bpath or 'the first block'} out of order), so it cannot share a "
-                         "streamed pass with other calibrated steps", row.step.stmt.span,
-                help="run it in a script of its own, or use --stream off",
+                         f"{bpath or 'the first block'} out of order), so it cannot run in "
+                         "a streamed pass", row.step.stmt.span,
+                help="use --stream off (the pass runs the model more than once)",
                 source=self.runner.program.source))
+        if kind == "begin":
+            self.begun[j] = True
+            return
         if kind == "enter":
             self._enter(j, self.blocks[r - 1])
             self.entered[j] = bpath
