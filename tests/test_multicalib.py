@@ -273,3 +273,31 @@ def test_a_pass_that_calibrates_twice_is_stopped_with_a_located_error(ckpt, tmp_
     assert ":6:" in err
     assert not (tmp_path / "out").exists()
     assert _no_step_threads()
+
+
+def test_sigint_while_the_main_thread_waits(ckpt, tmp_path, capsys, monkeypatch):
+    """A real SIGINT (delivered to the main thread, which waits for the step threads): every
+    step stops at its next hook, the interrupt exit code, no artifact, no thread left."""
+    import os
+    import signal
+
+    from surgery.executor.residency import Resident
+
+    calls = {"n": 0}
+    real = Resident.offload
+
+    def offload(self, unit):
+        calls["n"] += 1
+        if calls["n"] == 2:  # in step 1's thread, after block 0 is written
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, unit)
+
+    monkeypatch.setattr(Resident, "offload", offload)
+    s = _script(tmp_path, SPARSE_GPTQ.format(ckpt=ckpt))
+    rc = _apply(s, tmp_path / "out", "--stream", "on")
+    assert rc == 128 + signal.SIGINT
+    assert "interrupted by SIGINT" in capsys.readouterr().err
+    assert calls["n"] == 2  # no unit was written after the interrupt
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert _no_step_threads()
