@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import ctypes
 import dataclasses
 import threading
 import time
@@ -112,6 +113,7 @@ class Sweep:
         if self.k == 1:
             self._step(0, grad, threads_n)
         else:
+            _one_heap()
             threads = [threading.Thread(target=contextvars.copy_context().run,
                                         args=(self._step, j, grad, threads_n),
                                         name=f"surgery-calibrate-{j}", daemon=True)
@@ -310,3 +312,20 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     for t in module.buffers():
         memo[id(t)] = torch.empty_like(t, device="meta")
     return copy.deepcopy(module, memo)
+
+
+def _one_heap() -> None:
+    """Keep the step threads from holding freed memory apart. glibc gives each new thread a
+    malloc arena of its own, and pages freed into one arena are not reused by another thread's
+    allocations: with blocks onloaded in one step's thread and freed or re-made in another's,
+    peak RSS of SparseGPT + GPTQ on llama-0.25b (2 blocks, 16 x 512) was 1.42 GB. Capping the
+    arenas at run time (others may exist already) gave 1.38 GB; also mapping every allocation
+    of 4 MiB or more on its own (returned to the OS when freed) gave 1.21 GB, the peak of
+    SparseGPT alone (docs/bench/scale.md). Process-wide, set once a sweep has several steps.
+    Not glibc: nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD: big tensors mapped and unmapped
+    except (OSError, AttributeError):
+        pass
