@@ -74,8 +74,20 @@ def test_sparsegpt_then_gptq_streams_bit_identically(ckpt, tmp_path):
     assert _no_step_threads()
 
 
-def test_gptq_alone_streams_identically_to_before(ckpt, tmp_path):
-    """One calibrated step runs in the calling thread, with the same result as in memory."""
+def test_one_calibrated_step_runs_in_the_calling_thread(ckpt, tmp_path, monkeypatch):
+    """One calibrated step runs in the calling thread (no step thread), with the in-memory
+    result; a streamed prune reports its sparsity from what it counted while each layer was
+    resident (the blocks are back on meta when its pass returns)."""
+    from surgery.executor.multistep import Sweep
+
+    where = []
+    real = Sweep._step
+
+    def step(self, j, state):
+        where.append(threading.current_thread() is threading.main_thread())
+        return real(self, j, state)
+
+    monkeypatch.setattr(Sweep, "_step", step)
     s = _script(tmp_path, """
         model base = "hf:{ckpt}"
         data calib = corpus("pydoc", samples=4, seqlen=32)
@@ -83,6 +95,8 @@ def test_gptq_alone_streams_identically_to_before(ckpt, tmp_path):
     """.format(ckpt=ckpt))
     _both(tmp_path, s)
     assert _reports(tmp_path / "mem")[0] == _reports(tmp_path / "str")[0]
+    assert _reports(tmp_path / "str")[0]["metrics"]["sparsity"] == 0.5
+    assert where == [True]
 
 
 def test_tensor_steps_between_and_after_calibrated_steps(tmp_path):

@@ -108,14 +108,15 @@ class Sweep:
 
     # -- driving -------------------------------------------------------------------------------
     def run(self) -> None:
-        grad = torch.is_grad_enabled()
-        threads_n = torch.get_num_threads()
+        # per-thread state the steps' threads take from this one
+        state = (torch.is_grad_enabled(), torch.get_num_threads(),
+                 torch.cuda.current_device() if torch.cuda.is_initialized() else None)
         if self.k == 1:
-            self._step(0, grad, threads_n)
+            self._step(0, state)
         else:
             _one_heap()
             threads = [threading.Thread(target=contextvars.copy_context().run,
-                                        args=(self._step, j, grad, threads_n),
+                                        args=(self._step, j, state),
                                         name=f"surgery-calibrate-{j}", daemon=True)
                        for j in range(self.k)]
             for t in threads:
@@ -134,12 +135,15 @@ class Sweep:
         # a pass that ended early left no position unworked; every block was written
         assert self.pos is None, self.pos
 
-    def _step(self, j: int, grad: bool, threads_n: int) -> None:
+    def _step(self, j: int, state: tuple) -> None:
         """Step ``j``'s pass, in its own thread (or the caller's when it is the only one)."""
         from surgery.passes.calib import engine
 
+        grad, threads_n, cuda_device = state
         torch.set_grad_enabled(grad)
         torch.set_num_threads(threads_n)  # OpenMP's thread count is per thread: same BLAS splits
+        if cuda_device is not None:  # the current CUDA device is per thread too (NCCL ranks)
+            torch.cuda.set_device(cuda_device)
         token = engine.RESIDENCY.set(_StepResidency(self, j))
         row = self.rows[j]
         try:
