@@ -146,7 +146,7 @@ def test_two_gloo_processes_give_the_same_artifact_as_one(run_dir):
 
 @pytest.mark.slow
 def test_a_streamed_run_splits_over_two_processes_bit_for_bit(run_dir):
-    """The out-of-core executor (one calibrated step per streamed run) under 2 ranks."""
+    """The out-of-core executor (one calibrated step) under 2 ranks."""
     gptq = "\n".join(ln for ln in SCRIPT.format(model=run_dir / "model").splitlines()
                      if not ln.startswith("prune"))
     (run_dir / "g.surg").write_text(gptq + "\n")

@@ -16,9 +16,10 @@ from surgery.modelcall import first_output, forward_ids
 from surgery.passapi import PassError, replace_module
 from surgery.passes.calib.stats import LinearStats
 
-# Set by the streamed executor (surgery/executor/run.py): an object with ``enter(block)`` (onload
-# the block), ``leave(block)`` (write it and return it to meta) and ``captured()`` (the first
-# block's inputs are recorded: what ran before it may go). None: the whole model is in memory.
+# Set by the streamed executor (surgery/executor/multistep.py): an object with ``begin()`` (a
+# sweep starts), ``enter(block)`` (onload the block), ``leave(block)`` (the block is done: later
+# steps, or write it and return it to meta) and ``captured()`` (the first block's inputs are
+# recorded: what ran before it may go). None: the whole model is in memory.
 RESIDENCY: contextvars.ContextVar[Any] = contextvars.ContextVar("calibration_residency",
                                                                 default=None)
 
@@ -257,6 +258,8 @@ class _Engine:
                                 "outside the repeated blocks",
                                 module=(outside or list(self.targets))[0],
                                 hint="exclude it from the selector, or use --stream off")
+            if residency is not None:  # before any forward: a second sweep is refused here
+                residency.begin()
             if blocks:
                 inputs, early = self._capture(blocks[0], outside)
                 if residency is not None:

@@ -142,13 +142,15 @@ class PrunePass(ModulePass):
             return  # unstructured targets are not exact; training masks are recomputed later
         for path in targets:
             keep = model.get_submodule(path).weight_mask
-            if int(keep.reshape(keep.shape[0], -1, m).sum(-1).max()) > n:
-                raise PassError(f"internal: `{path}` keeps more than {n} of {m}", module=path)
+            if keep.device.type == "meta":
+                continue  # streamed: written already; install() checked it while resident
+            _check_nm(path, keep, n, m)
 
     # -- running -------------------------------------------------------------------------------
     def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         _refuse_tied(ctx.model, modules)
         t0 = time.perf_counter()
+        self._zeros: dict[str, int] = {}  # pruned weights of each layer this process installed
         report = StepReport(modules=len(modules))
         report.metrics["pattern"] = str(self.params.sparsity)
         self.prune(ctx, modules, report)
@@ -161,13 +163,23 @@ class PrunePass(ModulePass):
                 report.metrics["dsnot_swaps"] = swaps
         report.metrics["seconds"] = round(time.perf_counter() - t0, 3)
         total = sum(m.weight.numel() for m in modules.values())
-        zero = sum(int((~ctx.model.get_submodule(p).weight_mask).sum()) for p in modules)
+        zero = self._count_zeros(ctx, modules)
         report.parameters = total
         report.metrics["sparsity"] = round(zero / max(total, 1), 6)
         return self.result(ctx, report)
 
     def prune(self, ctx: RunContext, modules: dict[str, nn.Module], report: StepReport) -> None:
         raise NotImplementedError
+
+    def _count_zeros(self, ctx: RunContext, modules: dict[str, nn.Module]) -> int:
+        """Pruned weights of ``modules``, as install() counted them while each layer was
+        resident: a streamed run (surgery/executor) has written the blocks and returned them
+        to meta by now. Distributed, each rank counted the layers it solved."""
+        if getattr(self, "_split_over_ranks", False):
+            return distributed.summed([sum(self._zeros.values())])[0]
+        if all(p in self._zeros for p in modules):
+            return sum(self._zeros[p] for p in modules)
+        return sum(int((~ctx.model.get_submodule(p).weight_mask).sum()) for p in modules)
 
     # helpers for subclasses
     @property
@@ -203,6 +215,10 @@ class PrunePass(ModulePass):
             replace_module(ctx.model, path, new)
         if report is not None:
             report.per_module[path] = {"sparsity": round(new.sparsity(), 6)}
+        if hasattr(self, "_zeros"):
+            self._zeros[path] = int((~new.weight_mask).sum())
+            if n is not None and training is None:
+                _check_nm(path, new.weight_mask, n, m)
         return new
 
     def calibrate(self, ctx: RunContext, modules: dict[str, nn.Module], *, gram: bool,
@@ -231,6 +247,11 @@ class PrunePass(ModulePass):
         swaps = int((new & ~keep).sum())
         report.metrics["dsnot_swaps"] = report.metrics.get("dsnot_swaps", 0) + swaps
         return new
+
+
+def _check_nm(path: str, keep: torch.Tensor, n: int, m: int) -> None:
+    if int(keep.reshape(keep.shape[0], -1, m).sum(-1).max()) > n:
+        raise PassError(f"internal: `{path}` keeps more than {n} of {m}", module=path)
 
 
 MLP_NAMES = {"mlp", "feed_forward", "ffn", "intermediate", "fc1", "fc2", "c_fc"}

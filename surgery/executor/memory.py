@@ -5,9 +5,10 @@ The model (docs/scale.md "memory model"), in bytes, fp32 compute (4 bytes a para
 
     streamed host peak = BASE + 4 * largest unit (a block, or embeddings / head)
                          + TRANSIENT * largest Linear of a quantized unit (codes, copies)
-                         + calibration: 2 * samples * seqlen * hidden * 4 (block inputs and
-                           outputs) + the Hessians of one block's layers (hessian_bytes)
-                           + one batch's activations inside a block
+                         + calibration: samples * seqlen * hidden * 4 (block inputs) for
+                           each calibrated step, + the same again (the next block's inputs)
+                           and one batch's activations inside a block for the step computing,
+                           + the Hessians of one block's layers (hessian_bytes)
                          (an untouched embedding the calibration forward reads is onloaded in
                          its stored dtype)
     in-memory host peak = BASE + 4 * all parameters + the same transients
@@ -64,19 +65,26 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
     merges = [r for r in rows if is_streamable_merge(r.step.pass_cls, r.step.params)]
     heavy = [r for r in rows if r.step.verb in ("quantize", "prune")]
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
-    calib, captured = 0, 0
+    # Each calibrated step keeps its own block inputs for every sample, all the way through a
+    # streamed run (executor/multistep.py); the one computing also holds the next block's
+    # inputs and one batch inside the MLP.
+    held, working = 0, 0
     for r in calib_rows:
         for n in r.step.pass_cls.data_fields():
             d = data.get(getattr(r.step.params, n, None))
             if d is None:
                 continue
-            samples = getattr(r.step.params, "samples", None) or d.samples
-            batch = min(getattr(r.step.params, "batch", 8), samples)
+            p = r.step.params
+            samples = getattr(p, "samples", None) or d.samples
+            batch = min(getattr(p, "batch", None) or getattr(p, "batch_size", None) or 8,
+                        samples)
             inter = getattr(model.config, "intermediate_size", 4 * hidden)
-            # block inputs and outputs of every sample, and one batch inside the MLP
-            calib = max(calib, 2 * samples * d.seqlen * hidden * 4
-                        + 3 * batch * d.seqlen * inter * 4)
-            captured = max(captured, samples * d.seqlen * hidden * 4)
+            inputs = samples * d.seqlen * hidden * 4
+            held += inputs
+            working = max(working, inputs + 3 * batch * d.seqlen * inter * 4)
+            break
+    calib = held + working
+    captured = held  # every step's first-block inputs, while the embeddings are resident
     costs, total, largest_unit = [], 0, 0
     for u in units:
         seen, params, biggest = set(), 0, 0

@@ -26,6 +26,7 @@ from surgery.atomic import atomic_dir
 from surgery.binder import Plan, PlanRow
 from surgery.diagnostics import Diagnostic, SurgeryError, error
 from surgery.executor.checkpoint import Checkpoint
+from surgery.executor.multistep import Sweep
 from surgery.executor.residency import Resident, Unit, empty_model, plan_units
 from surgery.executor.schedule import Stages, stages
 from surgery.executor.writer import DEFAULT_SHARD, ShardWriter
@@ -89,9 +90,10 @@ class _Reports:
                 agg.metrics[k] = agg.metrics.get(k, 0) + v
             else:  # ratios and means: weighted by the parameters of each unit
                 n = max(rep.parameters, 1)
-                old = agg.metrics.get(k, 0.0) * w.get(k, 0.0)
-                w[k] = w.get(k, 0.0) + n
-                agg.metrics[k] = (old + v * n) / w[k]
+                seen = w.get(k, 0.0)
+                w[k] = seen + n
+                # one report (a calibrated step's) keeps its value exactly: v * n / n may not
+                agg.metrics[k] = v if not seen else (agg.metrics[k] * seen + v * n) / w[k]
 
 
 class StreamRunner:
@@ -173,7 +175,7 @@ class StreamRunner:
                 self.extra.abort()
                 raise
             files = self._finish_writers(tmp)
-            for row in self.stages.tensor_rows + ([self.stages.block] if self.stages.block else []):
+            for row in self.stages.tensor_rows + self.stages.calibrated:
                 report.steps.append(StepRecord(
                     row.line, row.text, row.step.verb, row.step.method,
                     self.reports.seconds.get(row.line, 0.0),
@@ -195,12 +197,11 @@ class StreamRunner:
         return Result(self.model, report)
 
     def _execute(self) -> None:
-        block_row = self.stages.block
         outside = [u for u in self.units if not u.is_block]
         by_path = {u.name: u for u in self.units}
         with self.progress.task("streaming", total=len(self.units)) as task:
             self._task = task
-            if block_row is None:
+            if not self.stages.calibrated:
                 for unit in self.units:
                     if self._untouched(unit):
                         self._passthrough(unit)
@@ -210,7 +211,7 @@ class StreamRunner:
                 return
             hooks = self._lazy_onload(outside)
             try:
-                self._calibrate(block_row, by_path, hooks)
+                Sweep(self, self.stages.calibrated, by_path, hooks).run()
             finally:
                 for h in hooks:
                     h.remove()
@@ -218,7 +219,7 @@ class StreamRunner:
                 if not getattr(unit, "_loaded", False) and self._untouched(unit):
                     self._passthrough(unit)
                 elif not getattr(unit, "_done", False):
-                    self._process(unit)
+                    self._process(unit, upto=len(self.stages.calibrated) - 1)
                     self._finish(unit)
 
     def _lazy_onload(self, units: list[Unit]):
@@ -234,8 +235,8 @@ class StreamRunner:
                         return
                     if self._untouched(unit):
                         self._onload_stored(unit)
-                    else:
-                        self._process(unit)
+                    else:  # with the TENSOR steps up to the calibrated step capturing now
+                        self._process(unit, upto=self._capturing)
                 hooks.append(mod.register_forward_pre_hook(pre))
         return hooks
 
@@ -255,39 +256,6 @@ class StreamRunner:
         unit._cast_hooks = [(self.model.get_submodule(p) if p else self.model)
                             .register_forward_hook(cast) for p in unit.paths]
 
-    def _calibrate(self, row: PlanRow, by_path: dict[str, Unit], hooks) -> None:
-        from surgery.passes.calib import engine
-
-        runner = self
-
-        class Residency:
-            def enter(self, bpath):
-                runner._process(by_path[bpath])
-
-            def leave(self, bpath):
-                runner._finish(by_path[bpath])
-
-            def captured(self):
-                for h in hooks:
-                    h.remove()
-                for u in runner.units:
-                    if not u.is_block and getattr(u, "_loaded", False) \
-                            and not getattr(u, "_done", False):
-                        runner._finish(u)
-
-        pass_obj = row.step.pass_cls(row.step.params)
-        # the targets are meta modules until their block is onloaded: the pass hands them to
-        # the engine, which looks each module up again once its block is resident
-        targets = {p: self.model.get_submodule(p) for p in row.modules}
-        t0 = time.perf_counter()
-        token = engine.RESIDENCY.set(Residency())
-        try:
-            ctx = dataclasses.replace(self.ctx, line=row.step.line)
-            result = self._guard(row, lambda: pass_obj.run(ctx, targets))
-        finally:
-            engine.RESIDENCY.reset(token)
-        self.reports.add(row, result.report, time.perf_counter() - t0)
-
     # -- one unit ------------------------------------------------------------------------------
     def _untouched(self, unit: Unit) -> bool:
         """No step acts on ``unit`` (and it is not a block of the calibrated step)."""
@@ -298,7 +266,7 @@ class StreamRunner:
                 return False
             if any(_inside(p, unit) for p in row.modules):
                 return False
-        return not (unit.is_block and self.stages.block is not None)
+        return not (unit.is_block and bool(self.stages.calibrated))
 
     def _passthrough(self, unit: Unit) -> None:
         """Copy an untouched unit from the checkpoint to the output tensor by tensor, in its
@@ -320,18 +288,23 @@ class StreamRunner:
         unit._loaded = unit._done = True
         self._task.advance()
 
-    def _process(self, unit: Unit) -> None:
-        """Onload ``unit`` and run the TENSOR steps before the calibrated one on it."""
+    def _process(self, unit: Unit, upto: int = 0) -> None:
+        """Onload ``unit`` and run the TENSOR steps before the first calibrated step on it (with
+        ``upto`` = j, also those between the calibrated steps up to step j)."""
         self.res.onload(unit)
         unit._loaded = True
-        for row in self.stages.before:
+        for j in range(upto + 1):
+            self._tensor_group(j, unit)
+
+    def _tensor_group(self, j: int, unit: Unit) -> None:
+        """The TENSOR steps after calibrated step j - 1 and before step j, on ``unit``."""
+        for row in self.stages.groups[j]:
             self._tensor_step(row, unit)
 
     def _finish(self, unit: Unit) -> None:
-        """Run the TENSOR steps after the calibrated one, write the unit, offload it."""
+        """Run the TENSOR steps after the last calibrated one, write the unit, offload it."""
         t0 = time.perf_counter()
-        for row in self.stages.after:
-            self._tensor_step(row, unit)
+        self._tensor_group(len(self.stages.groups) - 1, unit)
         self._write_unit(unit)
         self.res.offload(unit)
         for h in getattr(unit, "_cast_hooks", []):

@@ -4,16 +4,18 @@
 A streamed run makes one pass over the checkpoint, unit by unit (a unit is a block, or a
 weight-holding module outside the blocks):
 
-- TENSOR steps before the calibrated step run on each unit as it is onloaded;
-- at most one BLOCK step (GPTQ, SparseGPT, Wanda ...) drives the order of the blocks through the
-  layer-sequential calibration engine; its targets must lie inside the repeated blocks;
-- TENSOR steps after it run on each unit before it is written;
+- TENSOR steps before the first calibrated step run on each unit as it is onloaded;
+- the BLOCK steps (GPTQ, SparseGPT, Wanda ...) drive the order of the blocks through the
+  layer-sequential calibration engine, each with its own stream of block inputs, block by block
+  in script order (executor/multistep.py); their targets must lie inside the repeated blocks;
+- the TENSOR steps between two calibrated steps run on each unit between them;
+- TENSOR steps after the last calibrated step run on each unit before it is written;
 - `save` writes each unit as it is finished.
 
 This is the same order of operations as the in-memory run (every step over the whole model, one
-after another): a TENSOR step on one unit never reads another unit, and the calibrated step sees
-block i's input computed from blocks < i after every earlier step, exactly as in memory.
-What does not stream is refused at plan time with E0902, naming the step.
+after another): a TENSOR step on one unit never reads another unit, and each calibrated step sees
+block i's input computed from blocks < i after every earlier step and its own transform, exactly
+as in memory. What does not stream is refused at plan time with E0902, naming the step.
 """
 
 from __future__ import annotations
@@ -28,13 +30,26 @@ from surgery.passapi import Granularity
 @dataclass
 class Stages:
     before: list[PlanRow] = field(default_factory=list)
-    block: PlanRow | None = None
+    calibrated: list[PlanRow] = field(default_factory=list)  # the BLOCK steps, in script order
+    # between[j]: the TENSOR steps after calibrated[j] and before calibrated[j + 1]
+    between: list[list[PlanRow]] = field(default_factory=list)
     after: list[PlanRow] = field(default_factory=list)
     save: PlanRow | None = None
 
     @property
+    def block(self) -> PlanRow | None:
+        """The first calibrated step (None: the run has none)."""
+        return self.calibrated[0] if self.calibrated else None
+
+    @property
+    def groups(self) -> list[list[PlanRow]]:
+        """The TENSOR steps cut by the calibrated ones: group j runs after calibrated step j - 1
+        (group 0 before the first, the last group after the last)."""
+        return [self.before, *self.between, self.after]
+
+    @property
     def tensor_rows(self) -> list[PlanRow]:
-        return self.before + self.after
+        return [r for g in self.groups for r in g]
 
 
 def _inside(path: str, block: str) -> bool:
@@ -77,13 +92,6 @@ def stages(rows: list[PlanRow], blocks: list[str], program, has_expectations: bo
                                          "in memory; `surgery plan` shows the estimate)"))
             continue
         if cls.granularity is Granularity.BLOCK:
-            if out.block is not None:
-                diags.append(Diagnostic(
-                    "E0902", "a streamed run takes one calibrated (per-block) step; this is the "
-                             f"second, after line {out.block.line}", step.stmt.span,
-                    help="split the script in two runs (save, then load the output), or use "
-                         "--stream off"))
-                continue
             outside = [p for p in row.modules if not any(_inside(p, b) for b in blocks)]
             if outside:
                 diags.append(Diagnostic(
@@ -92,9 +100,12 @@ def stages(rows: list[PlanRow], blocks: list[str], program, has_expectations: bo
                     help="exclude it from the selector (e.g. `- modules(\"lm_head\")`), or use "
                          "--stream off"))
                 continue
-            out.block = row
+            if out.calibrated:
+                out.between.append(out.after)
+                out.after = []
+            out.calibrated.append(row)
             continue
-        (out.after if out.block is not None else out.before).append(row)
+        (out.after if out.calibrated else out.before).append(row)
     if has_expectations:
         exp = program.expectations[0]
         diags.append(Diagnostic("E0903", "`expect` is not evaluated in a streamed run yet",
