@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery import distributed, registry
+from surgery import distributed, expectations, registry
 from surgery.atomic import atomic_dir
 from surgery.binder import Plan, PlanRow
 from surgery.diagnostics import Diagnostic, SurgeryError, error
@@ -109,6 +109,7 @@ class StreamRunner:
         self.model_dirs = model_dirs or {}
         self.reports = _Reports()
         self.stats: dict[str, Any] = {}
+        self.evaluator = None  # executor/evaluate.py, when the script has `expect` statements
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self, rows: list[PlanRow]) -> None:
@@ -157,6 +158,8 @@ class StreamRunner:
                                report.steps, report.expectations, tokenizer)
         self.ctx = RunContext(model=self.model, models={}, data=data, progress=self.progress,
                               seed=self.seed, extras={emit.PROVENANCE: prov})
+        if self.program.expectations:
+            self._start_evaluator(data)
         path = Path(str(save.step.params.path))
         from surgery.outputs import check_output
 
@@ -167,6 +170,9 @@ class StreamRunner:
             self._open_writers(tmp)
             try:
                 self._execute()
+                if self.evaluator is not None:  # E0800 here: the directory is not published
+                    report.expectations += expectations.judge(self.program,
+                                                              self.evaluator.measured())
                 distributed.agree()  # every rank succeeded before rank 0 publishes
             except BaseException:  # the atomic directory is discarded; close the open shard
                 self.main.abort()
@@ -198,22 +204,32 @@ class StreamRunner:
         block_row = self.stages.block
         outside = [u for u in self.units if not u.is_block]
         by_path = {u.name: u for u in self.units}
+        ev = self.evaluator
         with self.progress.task("streaming", total=len(self.units)) as task:
             self._task = task
+            if ev is not None:
+                ev.start_original()
             if block_row is None:
-                for unit in self.units:
-                    if self._untouched(unit):
+                if ev is not None:
+                    ev.start_result()
+                for unit in self.units if ev is None else [u for u in self.units if u.is_block]:
+                    if self._untouched(unit) and ev is None:  # the evaluator runs every block
                         self._passthrough(unit)
                         continue
                     self._process(unit)
                     self._finish(unit)
-                return
-            hooks = self._lazy_onload(outside)
-            try:
-                self._calibrate(block_row, by_path, hooks)
-            finally:
-                for h in hooks:
-                    h.remove()
+                if ev is None:
+                    return
+            else:
+                hooks = self._lazy_onload(outside)
+                try:
+                    self._calibrate(block_row, by_path, hooks)
+                finally:
+                    for h in hooks:
+                        h.remove()
+            if ev is not None:
+                with self.progress.task("checking expectations"):
+                    ev.end()
             for unit in outside:  # what the calibration forward never needed
                 if not getattr(unit, "_loaded", False) and self._untouched(unit):
                     self._passthrough(unit)
@@ -238,6 +254,17 @@ class StreamRunner:
                         self._process(unit)
                 hooks.append(mod.register_forward_pre_hook(pre))
         return hooks
+
+    def _start_evaluator(self, data) -> None:
+        from surgery.executor.evaluate import StreamEvaluator
+
+        def prepare(unit: Unit) -> None:  # a touched unit in its final form
+            if not getattr(unit, "_loaded", False):
+                self._process(unit)
+            self._complete(unit)
+        self.evaluator = StreamEvaluator(self.program, self.model, self.res, self.units,
+                                         self.blocks, data, untouched=self._untouched,
+                                         prepare=prepare, finish=self._finish)
 
     def _onload_stored(self, unit: Unit) -> None:
         """Onload a unit no step transforms in its stored dtype, its float outputs cast to the
@@ -270,6 +297,8 @@ class StreamRunner:
             def captured(self):
                 for h in hooks:
                     h.remove()
+                if runner.evaluator is not None:
+                    runner.evaluator.start_result()
                 for u in runner.units:
                     if not u.is_block and getattr(u, "_loaded", False) \
                             and not getattr(u, "_done", False):
@@ -324,14 +353,26 @@ class StreamRunner:
         """Onload ``unit`` and run the TENSOR steps before the calibrated one on it."""
         self.res.onload(unit)
         unit._loaded = True
+        if self.evaluator is not None and unit.is_block:  # as in the checkpoint
+            self.evaluator.feed("original", unit.name)
         for row in self.stages.before:
             self._tensor_step(row, unit)
 
+    def _complete(self, unit: Unit) -> None:
+        """Run the TENSOR steps after the calibrated one on ``unit`` (once)."""
+        if not getattr(unit, "_completed", False):
+            unit._completed = True
+            for row in self.stages.after:
+                self._tensor_step(row, unit)
+
     def _finish(self, unit: Unit) -> None:
         """Run the TENSOR steps after the calibrated one, write the unit, offload it."""
+        if getattr(unit, "_keep", False):  # the evaluator needs it again at the end
+            return
         t0 = time.perf_counter()
-        for row in self.stages.after:
-            self._tensor_step(row, unit)
+        self._complete(unit)
+        if self.evaluator is not None and unit.is_block:  # after every step
+            self.evaluator.feed("result", unit.name)
         self._write_unit(unit)
         self.res.offload(unit)
         for h in getattr(unit, "_cast_hooks", []):
