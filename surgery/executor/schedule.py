@@ -104,6 +104,11 @@ def stages(rows: list[PlanRow], blocks: list[str], program, has_expectations: bo
                 "E0903", f"`expect {exp.metric}(...)` is not evaluated in a streamed run; "
                          f"{', '.join(STREAMED_METRICS)} are", exp.stmt.span,
                 help="check the saved output in a separate run, or use --stream off"))
+    if has_expectations and not blocks:
+        diags.append(Diagnostic(
+            "E0903", "`expect` in a streamed run advances its metrics block by block, and this "
+                     "model has no repeated blocks", program.expectations[0].stmt.span,
+            help="check the saved output in a separate run, or use --stream off"))
     if diags:
         raise SurgeryError(diags).with_source(program.source)
     return out
