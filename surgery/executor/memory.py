@@ -106,6 +106,7 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
                         + 3 * batch * d.seqlen * inter * 4)
             captured = max(captured, samples * d.seqlen * hidden * 4)
     ev_states, ev_block, ev_logits = _evaluation(model, expectations, data)
+    kept = 0
     tail = 0  # the evaluator's end: the units after the blocks, twice when a step touches them
     costs, total, largest_unit = [], 0, 0
     for u in units:
@@ -120,11 +121,12 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
         largest_unit = max(largest_unit, 4 * params)
         touched = [p for r in rows for p in r.modules if _inside(p, u)]
         in_calib = u.is_block and bool(calib_rows)
-        if ev_states and not u.is_block and any(
-                not isinstance(m, nn.Embedding) for p in u.paths
-                for m in (model.get_submodule(p) if p else model).modules()
-                if any(True for _ in m.parameters(recurse=False))):
+        owners = [m for p in u.paths for m in (model.get_submodule(p) if p else model).modules()
+                  if any(True for _ in m.parameters(recurse=False))]
+        if ev_states and not u.is_block and any(not isinstance(m, nn.Embedding) for m in owners):
             tail += 4 * params * (2 if touched or merges else 1)
+            if (touched or merges) and any(isinstance(m, nn.Embedding) for m in owners):
+                kept += 4 * params  # a touched tied embedding/head stays resident all run
         # the calibration forward runs the embeddings (onloaded in fp32 for the capture)
         embeds = bool(calib_rows) and any(isinstance(m, nn.Embedding) for p in u.paths
                                           for m in (model.get_submodule(p) if p else
@@ -150,7 +152,7 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
             cost += ev_block
         costs.append(cost)
     if ev_states:
-        costs = [c + ev_states for c in costs + [tail + ev_logits]]
+        costs = [c + ev_states + kept for c in costs + [tail - kept + ev_logits]]
     peak_unit = max(costs, default=0)
     parts = {"base": BASE, "peak_unit": peak_unit, "largest_unit_fp32": largest_unit,
              "calibration_activations": calib, "all_parameters_fp32": total,
