@@ -34,7 +34,7 @@ RECIPES = {
 
 def _recipe(ckpt: Path, body: str, expects: str = EXPECTS, windows: int = 6) -> str:
     return (f'model base = "hf:{ckpt}"\n'
-            f'data calib = corpus("pydoc", samples=4, seqlen=32, eval_windows={windows})\n'
+            f'data calib = corpus("pydoc", samples=4, seqlen=160, eval_windows={windows})\n'
             f"{body}\n{expects}")
 
 
@@ -70,7 +70,7 @@ def test_streamed_merge_expectations_with_untied_embeddings(tmp_path):
     a = _bf16_checkpoint(tmp_path / "a", seed=0, tied=False)
     b = _bf16_checkpoint(tmp_path / "b", seed=1, tied=False)
     text = (f'model a = "hf:{a}"\nmodel b = "hf:{b}"\n'
-            'data calib = corpus("pydoc", samples=4, seqlen=32, eval_windows=5)\n'
+            'data calib = corpus("pydoc", samples=4, seqlen=160, eval_windows=5)\n'
             "merge a, b using linear(weights=[0.3, 0.7])\n"
             "expect perplexity(calib) <= 2 * original\nexpect cosine(calib) >= 0.05\n"
             "expect max_abs_diff(calib) <= 100\n")
@@ -130,8 +130,8 @@ def test_plan_estimate_counts_the_evaluation_streams(tmp_path, capsys):
     s = _script(tmp_path, _recipe(ckpt, RECIPES["rtn"]))
     assert main(["plan", str(s), "--format", "json"]) == 0
     parts = json.loads(capsys.readouterr().out)["memory"]["parts"]
-    # two streams x 6 windows x 32 tokens x hidden 64 x fp32
-    assert parts["evaluation_hidden_states"] == 2 * 6 * 32 * 64 * 4
+    # two streams x 6 windows x 160 tokens x hidden 64 x fp32
+    assert parts["evaluation_hidden_states"] == 2 * 6 * 160 * 64 * 4
     s2 = _script(tmp_path, _recipe(ckpt, RECIPES["rtn"], expects=""), "plain.surg")
     assert main(["plan", str(s2), "--format", "json"]) == 0
     plain = json.loads(capsys.readouterr().out)["memory"]

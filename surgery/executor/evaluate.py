@@ -42,6 +42,11 @@ from surgery.modelcall import first_output, forward_ids
 from surgery.passapi import replace_module
 from surgery.passes.calib.engine import _BlockInput, _Stop
 
+# positions of a window reduced at a time: the reductions are row by row, so chunks give the
+# same values, and a window's full-vocabulary logits are never copied whole (128256 x 512 x 4
+# bytes is 263 MB)
+ROWS = 128
+
 # the agreement windows are the first batches of the perplexity windows: one set of forwards
 assert AGREEMENT_WINDOWS % evaluate.EVAL_BATCH == 0
 
@@ -305,12 +310,16 @@ class StreamEvaluator:
             with self._original_modules(twinned):
                 logits["original"] = self._logits(ids, b.original[j:j + 1])
             logits["result"] = self._logits(ids, b.result[j:j + 1])
-            for s in nll:
-                nll[s].append(evaluate.token_nll(logits[s], ids).cpu())
+            n = ids.shape[1]
+            for s in nll:  # position r predicts token r + 1
+                nll[s].append(torch.cat([
+                    evaluate.token_nll(logits[s][:, r:r + ROWS + 1], ids[:, r:r + ROWS + 1]).cpu()
+                    for r in range(0, n - 1, ROWS)]))
             if start + j < w.agreement:
-                a, o = logits["result"], logits["original"]
-                w.max_diff = max(w.max_diff, evaluate.max_abs_diff(a, o))
-                w.cos_rows.append(evaluate.cosine_rows(a, o).cpu())
+                for r in range(0, n, ROWS):
+                    a, o = logits["result"][:, r:r + ROWS], logits["original"][:, r:r + ROWS]
+                    w.max_diff = max(w.max_diff, evaluate.max_abs_diff(a, o))
+                    w.cos_rows.append(evaluate.cosine_rows(a, o).cpu())
             del logits
         for s in nll:  # a batch's sum, as evaluate.perplexity takes it
             w.nll[s] += float(torch.cat(nll[s]).sum())
