@@ -42,18 +42,27 @@ def _expectations(out: Path) -> list[dict]:
     return json.loads((out / "surgery.json").read_text())["expectations"]
 
 
-def _both(tmp_path: Path, text: str) -> tuple[list[dict], list[dict]]:
+def _both(tmp_path: Path, text: str, capsys) -> tuple[list[dict], list[dict]]:
+    """The expectations of an in-memory and a streamed run (surgery.json), checked against
+    their `--format json` reports."""
     s = _script(tmp_path, text)
-    assert _apply(s, tmp_path / "mem", "--stream", "off") == 0
-    assert _apply(s, tmp_path / "str", "--stream", "on") == 0
+    out = []
+    for mode, d in (("off", "mem"), ("on", "str")):
+        capsys.readouterr()
+        assert main(["apply", str(s), "-o", str(tmp_path / d), "--quiet", "--stream", mode,
+                     "--format", "json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert ("streamed" in report) == (mode == "on")
+        assert report["expectations"] == _expectations(tmp_path / d)
+        out.append(report["expectations"])
     _same(_weights(tmp_path / "mem"), _weights(tmp_path / "str"))  # the gate changes nothing
-    return _expectations(tmp_path / "mem"), _expectations(tmp_path / "str")
+    return out[0], out[1]
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_streamed_expectations_equal_the_in_memory_ones(recipe, tmp_path):
+def test_streamed_expectations_equal_the_in_memory_ones(recipe, tmp_path, capsys):
     ckpt = _bf16_checkpoint(tmp_path / "ck")
-    mem, streamed = _both(tmp_path, _recipe(ckpt, RECIPES[recipe]))
+    mem, streamed = _both(tmp_path, _recipe(ckpt, RECIPES[recipe]), capsys)
     assert [e["statement"] for e in mem] == [
         "expect perplexity(calib) <= 2 * original", "expect max_abs_diff(calib) <= 100",
         "expect cosine(calib) >= 0.5"]
@@ -64,7 +73,7 @@ def test_streamed_expectations_equal_the_in_memory_ones(recipe, tmp_path):
     assert 0 < mem[1]["value"] and mem[2]["value"] < 1
 
 
-def test_streamed_merge_expectations_with_untied_embeddings(tmp_path):
+def test_streamed_merge_expectations_with_untied_embeddings(tmp_path, capsys):
     """Every unit is touched: the embeddings (the result's first-block inputs are captured
     again after the merge), the final norm and an untied head (twins for the original)."""
     a = _bf16_checkpoint(tmp_path / "a", seed=0, tied=False)
@@ -74,7 +83,7 @@ def test_streamed_merge_expectations_with_untied_embeddings(tmp_path):
             "merge a, b using linear(weights=[0.3, 0.7])\n"
             "expect perplexity(calib) <= 2 * original\nexpect cosine(calib) >= 0.05\n"
             "expect max_abs_diff(calib) <= 100\n")
-    mem, streamed = _both(tmp_path, text)
+    mem, streamed = _both(tmp_path, text, capsys)
     assert streamed == mem
     assert mem[0]["value"] != mem[0]["original"]
 
@@ -95,18 +104,6 @@ def test_failing_streamed_expectation_writes_nothing(recipe, tmp_path, capsys):
     assert err_str == err_mem  # the same diagnostic, value and bound as in memory
     assert not (tmp_path / "mem").exists() and not (tmp_path / "str").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".str")] == []
-
-
-def test_streamed_expectations_in_the_json_report(tmp_path, capsys):
-    ckpt = _bf16_checkpoint(tmp_path / "ck")
-    s = _script(tmp_path, _recipe(ckpt, RECIPES["rtn"]))
-    reports = {}
-    for mode in ("off", "on"):
-        assert main(["apply", str(s), "-o", str(tmp_path / mode), "--quiet", "--stream", mode,
-                     "--format", "json"]) == 0
-        reports[mode] = json.loads(capsys.readouterr().out)
-    assert reports["on"]["expectations"] == reports["off"]["expectations"]
-    assert len(reports["on"]["expectations"]) == 3 and "streamed" in reports["on"]
 
 
 def test_expect_on_a_model_without_repeated_blocks_is_e0903(tmp_path, capsys):
@@ -162,7 +159,7 @@ def _smollm2_bf16_copy(d: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_smollm2_streamed_perplexity_equals_in_memory(tmp_path):
+def test_smollm2_streamed_perplexity_equals_in_memory(tmp_path, capsys):
     """SmolLM2-135M as a bf16 two-shard copy (30 blocks, tied head): RTN int8 on the blocks,
     perplexity gated streamed and in memory."""
     d = _smollm2_bf16_copy(tmp_path / "smol-bf16")
@@ -171,7 +168,7 @@ def test_smollm2_streamed_perplexity_equals_in_memory(tmp_path):
             'quantize type(Linear) - modules("lm_head") to int8 using rtn()\n'
             "expect perplexity(calib) <= 1.05 * original\n"
             "expect cosine(calib) >= 0.99\n")
-    mem, streamed = _both(tmp_path, text)
+    mem, streamed = _both(tmp_path, text, capsys)
     assert streamed[0]["original"] == mem[0]["original"]
     assert streamed[0]["value"] == mem[0]["value"]
     assert streamed == mem

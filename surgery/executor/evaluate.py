@@ -318,7 +318,9 @@ class StreamEvaluator:
             if start + j < w.agreement:
                 for r in range(0, n, ROWS):
                     a, o = logits["result"][:, r:r + ROWS], logits["original"][:, r:r + ROWS]
-                    w.max_diff = max(w.max_diff, evaluate.max_abs_diff(a, o))
+                    d = evaluate.max_abs_diff(a, o)
+                    if d > w.max_diff or math.isnan(d):  # a NaN stays, as in torch's max
+                        w.max_diff = d
                     w.cos_rows.append(evaluate.cosine_rows(a, o).cpu())
             del logits
         for s in nll:  # a batch's sum, as evaluate.perplexity takes it

@@ -55,8 +55,9 @@ def _inside(path: str, unit) -> bool:
 def _evaluation(model: nn.Module, expectations, data: dict) -> tuple[int, int, int]:
     """The streamed evaluator (executor/evaluate.py): the two streams' hidden states of every
     window (held for the whole run), one batch's activations inside a block, and one window's
-    logits of both streams with the log-softmax of one (at the end)."""
+    logits of both streams with the reductions' copies of one chunk (at the end)."""
     from surgery.evaluate import EVAL_BATCH
+    from surgery.executor.evaluate import ROWS
     from surgery.expectations import AGREEMENT_WINDOWS
 
     cfg = getattr(model, "config", None)
@@ -76,7 +77,8 @@ def _evaluation(model: nn.Module, expectations, data: dict) -> tuple[int, int, i
     seqlen = max((s for _, s in windows.values()), default=0)
     block = 3 * min(EVAL_BATCH, max((n for n, _ in windows.values()), default=0)) \
         * seqlen * inter * 4
-    return states, block, 3 * seqlen * vocab * 4
+    # the two streams' logits of a window, and the reductions' copies of a chunk of positions
+    return states, block, 2 * seqlen * vocab * 4 + 4 * min(seqlen, ROWS) * vocab * 4
 
 
 def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
