@@ -173,3 +173,23 @@ def test_smollm2_streamed_perplexity_equals_in_memory(tmp_path, capsys):
     assert streamed[0]["value"] == mem[0]["value"]
     assert streamed == mem
     assert 1 < mem[0]["original"] < 100 and mem[0]["passed"]
+
+
+def test_a_nan_difference_fails_the_streamed_gate(tmp_path, capsys, monkeypatch):
+    """max_abs_diff is taken chunk by chunk: a NaN in any chunk must survive the running
+    maximum (torch's max of a tensor holding NaN is NaN), so the gate fails as in memory."""
+    from surgery import evaluate
+
+    real, calls = evaluate.max_abs_diff, {"n": 0}
+
+    def first_chunk_nan(a, b):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 1 else real(a, b)
+
+    monkeypatch.setattr(evaluate, "max_abs_diff", first_chunk_nan)
+    ckpt = _bf16_checkpoint(tmp_path / "ck")
+    s = _script(tmp_path, _recipe(ckpt, RECIPES["rtn"], "expect max_abs_diff(calib) <= 100\n"))
+    capsys.readouterr()
+    assert _apply(s, tmp_path / "str", "--stream", "on") == 2
+    assert "error[E0800]: expectation failed: max_abs_diff(calib) = nan" in capsys.readouterr().err
+    assert calls["n"] > 1 and not (tmp_path / "str").exists()
