@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--comp-samples", type=int, default=None,
+                    help="calibration windows for the compensation only (default: --samples); "
+                         "the compression keeps --samples, so its model is unchanged")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--finetune", default="gptq3", help="config whose model is fine-tuned")
     ap.add_argument("--finetune-steps", type=int, default=20)
@@ -110,6 +113,9 @@ def main() -> None:
     base = lm.model.eval()
     calib = corpus(lm.tokenizer, "pydoc", samples=args.samples, seqlen=args.calib_seqlen, seed=0,
                    name="calib")
+    comp_calib = calib if args.comp_samples is None else corpus(
+        lm.tokenizer, "pydoc", samples=args.comp_samples, seqlen=args.calib_seqlen, seed=0,
+        name="calib")
     evaluation = corpus(lm.tokenizer, "pydoc", samples=1, seqlen=512, seed=0,
                         eval_windows=args.eval_windows).evaluation
     train = corpus(lm.tokenizer, "pydoc", samples=args.finetune_steps * args.finetune_batch,
@@ -117,6 +123,7 @@ def main() -> None:
     common = {"machine": f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU",
               "torch": torch.__version__, "threads": args.threads,
               "calib": f"{args.samples}x{args.calib_seqlen}",
+              "comp_calib": f"{args.comp_samples or args.samples}x{args.calib_seqlen}",
               "eval_tokens": int(evaluation.numel()), "rank": args.rank,
               "load_at_start": round(os.getloadavg()[0], 1)}
     t0 = time.perf_counter()
@@ -137,7 +144,7 @@ def main() -> None:
         for comp, kw in (("svd", {"rank": args.rank}),
                          ("eora", {"rank": args.rank, "data": "calib"})):
             model = copy.deepcopy(compressed)
-            secs, rep = run_pass(model, "compensate", comp, kw, calib, {REFERENCE: base})
+            secs, rep = run_pass(model, "compensate", comp, kw, comp_calib, {REFERENCE: base})
             ppl = perplexity(model, evaluation)
             row[comp] = {"ppl": ppl, "seconds": secs,
                          "recovered": (math.log(ppl_c) - math.log(ppl)) / gap,

@@ -25,6 +25,7 @@ class LinearStats:
         self.gram = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
                      if gram else None)
         self.pending: list[dict] | None = None  # per-batch contributions, while deferred
+        self.users = 1  # layers sharing these statistics (same input); see take_hessian
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
@@ -116,5 +117,8 @@ class LinearStats:
         accumulator itself. The statistics have no Gram matrix afterwards."""
         if self.gram is None:
             raise ValueError("these statistics were collected without the Gram matrix")
+        if self.users > 1:  # another layer sharing them still needs the Gram matrix
+            self.users -= 1
+            return self.hessian()
         gram, self.gram = self.gram, None
         return gram.mul_(2.0 / max(self.samples, 1)).to(torch.float32)

@@ -6,8 +6,10 @@ The model (docs/scale.md "memory model"), in bytes, fp32 compute (4 bytes a para
     streamed host peak = BASE + 4 * largest unit (a block, or embeddings / head)
                          + TRANSIENT * largest Linear of a quantized unit (codes, copies)
                          + calibration: 2 * samples * seqlen * hidden * 4 (block inputs and
-                           outputs) + the Hessians of one block's layers in fp32
+                           outputs) + the Hessians of one block's layers (hessian_bytes)
                            + one batch's activations inside a block
+                         (an untouched embedding the calibration forward reads is onloaded in
+                         its stored dtype)
     in-memory host peak = BASE + 4 * all parameters + the same transients
 
 BASE is the interpreter with torch and transformers imported (measured, see docs/scale.md).
@@ -137,6 +139,11 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
                 and not (ev_states and u.is_block):  # the evaluator runs every block
             costs.append(stored_bytes * biggest)  # copied through, one tensor at a time
             continue
+        if embeds and not touched and not merges:
+            # only read by the capture forward: onloaded in its stored dtype (run.py
+            # _onload_stored), plus the read of its largest tensor and the captured inputs
+            costs.append(stored_bytes * (params + biggest) + captured)
+            continue
         # reading a tensor maps its pages and copies them (2x), before the fp32 upcast
         cost = 4 * params + 2 * stored_bytes * biggest
         heavy_targets = [model.get_submodule(p) for r in heavy for p in r.modules
@@ -147,7 +154,7 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
         if in_calib:
             mods = [m for m in model.get_submodule(u.paths[0]).modules()
                     if isinstance(m, nn.Linear)]
-            cost += sum(4 * m.in_features ** 2 for m in mods) + calib  # Hessians, activations
+            cost += hessian_bytes([m.in_features for m in mods]) + calib
         if embeds:
             cost += captured  # the captured block inputs, while the embeddings are resident
         if ev_states and u.is_block:
@@ -164,6 +171,17 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
     in_memory = BASE + total + max(0, peak_unit - largest_unit)
     dev = peak_unit if on_device else 0
     return Estimate(streamed, in_memory, dev, largest_unit, parts)
+
+
+def hessian_bytes(widths: list[int]) -> int:
+    """Peak bytes of one block's layer Hessians (passes/calib): while collecting, a float64 XᵀX
+    per layer plus one batch's float32 XᵀX of the widest input; while solving the widest layer,
+    its float64 sum and float32 Hessian (take_hessian), then two float32 copies (permutation,
+    Cholesky factors; the others are freed as each layer is solved)."""
+    if not widths:
+        return 0
+    widest = max(widths) ** 2
+    return max(sum(8 * w * w for w in widths) + 4 * widest, 12 * widest)
 
 
 def available_ram() -> int:
