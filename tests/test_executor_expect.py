@@ -29,6 +29,11 @@ RECIPES = {
     # calibration, and the original stream sees it through its twin
     "gptq_then_head": 'quantize type(Linear) - modules("lm_head") to int4 using '
                       'gptq(data=calib, group=32)\nquantize modules("lm_head") to int8',
+    # two calibrated steps in one sweep (executor/multistep.py): the result stream starts after
+    # the last step's capture and sees every block after both steps
+    "sparsegpt_then_gptq": 'prune type(Linear) - modules("lm_head") to 2:4 using '
+                           'sparsegpt(data=calib)\nquantize type(Linear) - modules("lm_head") '
+                           'to int4 using gptq(data=calib, group=32)',
 }
 
 
