@@ -291,6 +291,12 @@ class Pass:
     # the real architecture rather than a structural skeleton (surgery/skeleton.py).
     plan_needs_code: ClassVar[bool] = False
 
+    @classmethod
+    def stream_refusal(cls, params: PassParams) -> str | None:
+        """Why this step, with these parameters, cannot run in a streamed run (one block
+        resident at a time, surgery/executor); None when its granularity says it all."""
+        return None
+
     def __init__(self, params: PassParams):
         self.params = params
 
