@@ -217,3 +217,28 @@ def test_engine_inputs_mode_gives_each_target_its_first_call():
         args, kwargs = got[p]
         assert torch.equal(kwargs["hidden_states"], expected[p])
         assert "position_embeddings" in kwargs
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_stream_swap_then_gptq_like_one(ckpt, tmp_path):
+    """The swap's trace runs its one sequence on every rank (nothing to split or reduce); GPTQ
+    splits its batches: `--nproc 2` writes the same bytes and reports as one process."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    s = _script(tmp_path, SWAP_GPTQ.format(ckpt=ckpt))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("SURGERY_TEST_FAIL_RANK", None)
+    digests = {}
+    for n in (1, 2):
+        out = tmp_path / f"out-{n}"
+        cmd = [sys.executable, "-m", "surgery", "apply", str(s), "-o", str(out),
+               "--stream", "on"] + (["--nproc", "2"] if n == 2 else [])
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert ("calibrated with 2 processes (gloo)" in p.stdout) == (n == 2)
+        digests[n] = ({f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))},
+                      _reports(out))
+    assert digests[1][0] and digests[1] == digests[2]
