@@ -242,3 +242,21 @@ def test_two_gloo_processes_stream_swap_then_gptq_like_one(ckpt, tmp_path):
         digests[n] = ({f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))},
                       _reports(out))
     assert digests[1][0] and digests[1] == digests[2]
+
+
+def test_plan_estimate_counts_no_hessians_for_a_swap(ckpt, tmp_path, capsys):
+    """The swap's trace collects nothing per layer: a streamed block costs its fp32 weights
+    and the read of its largest tensor, with no Hessians and no calibration activations."""
+    from transformers import LlamaForCausalLM
+
+    from surgery.cli import main
+    from tests.conftest import tiny_llama_config
+
+    s = _script(tmp_path, SWAP.format(ckpt=ckpt, method="stablemax()"))
+    assert main(["plan", str(s), "--format", "json"]) == 0
+    parts = json.loads(capsys.readouterr().out)["memory"]["parts"]
+    block = LlamaForCausalLM(tiny_llama_config()).model.layers[0]
+    params = sum(p.numel() for p in block.parameters())
+    biggest = max(p.numel() for p in block.parameters())
+    assert parts["calibration_activations"] == 0
+    assert parts["peak_unit"] == 4 * params + 2 * 2 * biggest  # bf16 checkpoint: 2 bytes

@@ -46,6 +46,7 @@ class SwapPass(ModulePass):
 
     plan_needs_code = True  # check_module traces the attention forward to find the softmax
     granularity = Granularity.BLOCK  # traces each attention block, on captured inputs if needed
+    collects_statistics = False  # one short sequence through the blocks, nothing per layer
 
     verb: ClassVar[str] = "swap"
     accepts = frozenset({State.MASKED, State.QUANTIZED, State.ADAPTED, State.MERGED})
