@@ -106,10 +106,21 @@ def _measure_after(exp: Expectation, model: nn.Module, data, before) -> tuple[fl
 def check(program: CheckedProgram, model: nn.Module, data: dict[str, Dataset],
           before: dict[int, Any], progress) -> list[ExpectationRecord]:
     """Measure every expectation on ``model``; raise E0800 (all failures together) if any fails."""
-    records, failed = [], []
+    measured = {}
     for exp in program.expectations:
         with progress.task(f"checking expectation at line {exp.line}"):
-            value, original = _measure_after(exp, model, data, before[exp.line])
+            measured[exp.line] = _measure_after(exp, model, data, before[exp.line])
+    return judge(program, measured)
+
+
+def judge(program: CheckedProgram,
+          measured: dict[int, tuple[float, float | None]]) -> list[ExpectationRecord]:
+    """The records of every expectation from its measured (value, original), by line; raise
+    E0800 (all failures together) if any fails. The in-memory runner and the streamed executor
+    (surgery/executor/evaluate.py) both end here."""
+    records, failed = [], []
+    for exp in program.expectations:
+        value, original = measured[exp.line]
         bound = evaluate_bound(program, exp, original)
         ok = _COMPARE[exp.op](value, bound)
         span = exp.stmt.span

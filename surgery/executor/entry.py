@@ -49,7 +49,7 @@ def plan_estimate(plan, source_dir: Path, device: torch.device) -> Estimate:
     _, blocks = find_blocks(model, leaf_paths)
     units = plan_units(model, blocks)
     return estimate(model, units, plan.steps, plan.program.data, device=device.type,
-                    stored_bytes=stored)
+                    stored_bytes=stored, expectations=plan.program.expectations)
 
 
 def check_budget(est: Estimate, max_memory: int | None, max_device_memory: int | None,

@@ -26,6 +26,9 @@ import torch.nn as nn
 
 BASE = 560 * 2**20  # python + torch + transformers + surgery + a tokenizer, resident
 # after import (measured: 548 MiB on this machine, docs/scale.md)
+# evaluation tokens of a data set declared without eval_windows: what the built-in corpus gives
+# (44 windows of 256 tokens with the SmolLM2 tokenizer); a text file may give more or fewer
+EVAL_TOKENS_GUESS = 11264
 TRANSIENT = 12  # bytes per weight of the largest Linear while it is quantized (int32 codes,
 # an fp32 copy, the dequantized check): measured, see docs/scale.md
 
@@ -52,11 +55,40 @@ def _inside(path: str, unit) -> bool:
     return any(not p or path == p or path.startswith(p + ".") for p in unit.paths)
 
 
+def _evaluation(model: nn.Module, expectations, data: dict) -> tuple[int, int, int]:
+    """The streamed evaluator (executor/evaluate.py): the two streams' hidden states of every
+    window (held for the whole run), one batch's activations inside a block, and one window's
+    logits of both streams with the reductions' copies of one chunk (at the end)."""
+    from surgery.evaluate import EVAL_BATCH
+    from surgery.executor.evaluate import ROWS
+    from surgery.expectations import AGREEMENT_WINDOWS
+
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    inter = getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden
+    vocab = getattr(cfg, "vocab_size", hidden) or hidden
+    windows: dict[str, tuple[int, int]] = {}
+    for exp in expectations or ():
+        d = data.get(exp.data)
+        if d is None:
+            continue
+        n = d.eval_windows or max(1, EVAL_TOKENS_GUESS // d.seqlen)
+        if exp.metric != "perplexity":
+            n = min(n, AGREEMENT_WINDOWS)
+        windows[exp.data] = (max(n, windows.get(exp.data, (0, 0))[0]), d.seqlen)
+    states = sum(2 * n * seqlen * hidden * 4 for n, seqlen in windows.values())
+    seqlen = max((s for _, s in windows.values()), default=0)
+    block = 3 * min(EVAL_BATCH, max((n for n, _ in windows.values()), default=0)) \
+        * seqlen * inter * 4
+    # the two streams' logits of a window, and the reductions' copies of a chunk of positions
+    return states, block, 2 * seqlen * vocab * 4 + 4 * min(seqlen, ROWS) * vocab * 4
+
+
 def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
-             stored_bytes: int = 2) -> Estimate:
+             stored_bytes: int = 2, expectations=()) -> Estimate:
     """``model``: a meta skeleton; ``units``: residency.plan_units; ``rows``: plan steps;
     ``data``: the program's data declarations (samples, seqlen); ``stored_bytes``: bytes per
-    weight in the checkpoint (2 for bf16)."""
+    weight in the checkpoint (2 for bf16); ``expectations``: the program's `expect`s."""
     from surgery.executor.schedule import is_streamable_merge
     from surgery.passapi import Granularity
 
@@ -86,6 +118,9 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
             break
     calib = held + working
     captured = held  # every step's first-block inputs, while the embeddings are resident
+    ev_states, ev_block, ev_logits = _evaluation(model, expectations, data)
+    kept = 0
+    tail = 0  # the evaluator's end: the units after the blocks, twice when a step touches them
     costs, total, largest_unit = [], 0, 0
     for u in units:
         seen, params, biggest = set(), 0, 0
@@ -99,11 +134,18 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
         largest_unit = max(largest_unit, 4 * params)
         touched = [p for r in rows for p in r.modules if _inside(p, u)]
         in_calib = u.is_block and bool(calib_rows)
+        owners = [m for p in u.paths for m in (model.get_submodule(p) if p else model).modules()
+                  if any(True for _ in m.parameters(recurse=False))]
+        if ev_states and not u.is_block and any(not isinstance(m, nn.Embedding) for m in owners):
+            tail += 4 * params * (2 if touched or merges else 1)
+            if (touched or merges) and any(isinstance(m, nn.Embedding) for m in owners):
+                kept += 4 * params  # a touched tied embedding/head stays resident all run
         # the calibration forward runs the embeddings (onloaded in fp32 for the capture)
         embeds = bool(calib_rows) and any(isinstance(m, nn.Embedding) for p in u.paths
                                           for m in (model.get_submodule(p) if p else
                                                     model).modules())
-        if not touched and not merges and not in_calib and not embeds:
+        if not touched and not merges and not in_calib and not embeds \
+                and not (ev_states and u.is_block):  # the evaluator runs every block
             costs.append(stored_bytes * biggest)  # copied through, one tensor at a time
             continue
         if embeds and not touched and not merges:
@@ -124,12 +166,17 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
             cost += (hessian_bytes([m.in_features for m in mods]) if stats_rows else 0) + calib
         if embeds:
             cost += captured  # the captured block inputs, while the embeddings are resident
+        if ev_states and u.is_block:
+            cost += ev_block
         costs.append(cost)
+    if ev_states:
+        costs = [c + ev_states + kept for c in costs + [tail - kept + ev_logits]]
     peak_unit = max(costs, default=0)
     parts = {"base": BASE, "peak_unit": peak_unit, "largest_unit_fp32": largest_unit,
-             "calibration_activations": calib, "all_parameters_fp32": total}
+             "calibration_activations": calib, "all_parameters_fp32": total,
+             "evaluation_hidden_states": ev_states}
     on_device = device != "cpu"
-    streamed = BASE + (largest_unit if on_device else peak_unit)
+    streamed = BASE + (largest_unit + ev_states if on_device else peak_unit)
     in_memory = BASE + total + max(0, peak_unit - largest_unit)
     dev = peak_unit if on_device else 0
     return Estimate(streamed, in_memory, dev, largest_unit, parts)

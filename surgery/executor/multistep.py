@@ -275,6 +275,8 @@ class Sweep:
             if last:  # every step has its first block's inputs: what ran before may go
                 for h in self.lazy_hooks:
                     h.remove()
+                if run.evaluator is not None:  # the result stream starts from the embeddings
+                    run.evaluator.start_result()
                 for u in units:
                     run._finish(u)
             else:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery import distributed, registry
+from surgery import distributed, expectations, registry
 from surgery.atomic import atomic_dir
 from surgery.binder import Plan, PlanRow
 from surgery.diagnostics import Diagnostic, SurgeryError, error
@@ -111,6 +111,7 @@ class StreamRunner:
         self.model_dirs = model_dirs or {}
         self.reports = _Reports()
         self.stats: dict[str, Any] = {}
+        self.evaluator = None  # executor/evaluate.py, when the script has `expect` statements
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self, rows: list[PlanRow]) -> None:
@@ -159,6 +160,8 @@ class StreamRunner:
                                report.steps, report.expectations, tokenizer)
         self.ctx = RunContext(model=self.model, models={}, data=data, progress=self.progress,
                               seed=self.seed, extras={emit.PROVENANCE: prov})
+        if self.program.expectations:
+            self._start_evaluator(data)
         path = Path(str(save.step.params.path))
         from surgery.outputs import check_output
 
@@ -169,6 +172,9 @@ class StreamRunner:
             self._open_writers(tmp)
             try:
                 self._execute()
+                if self.evaluator is not None:  # E0800 here: the directory is not published
+                    report.expectations += expectations.judge(self.program,
+                                                              self.evaluator.measured())
                 distributed.agree()  # every rank succeeded before rank 0 publishes
             except BaseException:  # the atomic directory is discarded; close the open shard
                 self.main.abort()
@@ -199,22 +205,32 @@ class StreamRunner:
     def _execute(self) -> None:
         outside = [u for u in self.units if not u.is_block]
         by_path = {u.name: u for u in self.units}
+        ev = self.evaluator
         with self.progress.task("streaming", total=len(self.units)) as task:
             self._task = task
+            if ev is not None:
+                ev.start_original()
             if not self.stages.calibrated:
-                for unit in self.units:
-                    if self._untouched(unit):
+                if ev is not None:
+                    ev.start_result()
+                for unit in self.units if ev is None else [u for u in self.units if u.is_block]:
+                    if self._untouched(unit) and ev is None:  # the evaluator runs every block
                         self._passthrough(unit)
                         continue
                     self._process(unit)
                     self._finish(unit)
-                return
-            hooks = self._lazy_onload(outside)
-            try:
-                Sweep(self, self.stages.calibrated, by_path, hooks).run()
-            finally:
-                for h in hooks:
-                    h.remove()
+                if ev is None:
+                    return
+            else:
+                hooks = self._lazy_onload(outside)
+                try:
+                    Sweep(self, self.stages.calibrated, by_path, hooks).run()
+                finally:
+                    for h in hooks:
+                        h.remove()
+            if ev is not None:
+                with self.progress.task("checking expectations"):
+                    ev.end()
             for unit in outside:  # what the calibration forward never needed
                 if not getattr(unit, "_loaded", False) and self._untouched(unit):
                     self._passthrough(unit)
@@ -239,6 +255,17 @@ class StreamRunner:
                         self._process(unit, upto=self._capturing)
                 hooks.append(mod.register_forward_pre_hook(pre))
         return hooks
+
+    def _start_evaluator(self, data) -> None:
+        from surgery.executor.evaluate import StreamEvaluator
+
+        def prepare(unit: Unit) -> None:  # a touched unit in its final form
+            if not getattr(unit, "_loaded", False):
+                self._process(unit)
+            self._complete(unit)
+        self.evaluator = StreamEvaluator(self.program, self.model, self.res, self.units,
+                                         self.blocks, data, untouched=self._untouched,
+                                         prepare=prepare, finish=self._finish)
 
     def _onload_stored(self, unit: Unit) -> None:
         """Onload a unit no step transforms in its stored dtype, its float outputs cast to the
@@ -293,6 +320,8 @@ class StreamRunner:
         ``upto`` = j, also those between the calibrated steps up to step j)."""
         self.res.onload(unit)
         unit._loaded = True
+        if self.evaluator is not None and unit.is_block:  # as in the checkpoint
+            self.evaluator.feed("original", unit.name)
         for j in range(upto + 1):
             self._tensor_group(j, unit)
 
@@ -301,10 +330,20 @@ class StreamRunner:
         for row in self.stages.groups[j]:
             self._tensor_step(row, unit)
 
+    def _complete(self, unit: Unit) -> None:
+        """Run the TENSOR steps after the last calibrated one on ``unit`` (once)."""
+        if not getattr(unit, "_completed", False):
+            unit._completed = True
+            self._tensor_group(len(self.stages.groups) - 1, unit)
+
     def _finish(self, unit: Unit) -> None:
         """Run the TENSOR steps after the last calibrated one, write the unit, offload it."""
+        if getattr(unit, "_keep", False):  # the evaluator needs it again at the end
+            return
         t0 = time.perf_counter()
-        self._tensor_group(len(self.stages.groups) - 1, unit)
+        self._complete(unit)
+        if self.evaluator is not None and unit.is_block:  # after every step
+            self.evaluator.feed("result", unit.name)
         self._write_unit(unit)
         self.res.offload(unit)
         for h in getattr(unit, "_cast_hooks", []):
