@@ -260,3 +260,20 @@ def test_plan_estimate_counts_no_hessians_for_a_swap(ckpt, tmp_path, capsys):
     biggest = max(p.numel() for p in block.parameters())
     assert parts["calibration_activations"] == 0
     assert parts["peak_unit"] == 4 * params + 2 * 2 * biggest  # bf16 checkpoint: 2 bytes
+
+
+@pytest.mark.parametrize("body", [
+    "swap softmax in type(LlamaAttention) for stablemax()",
+    "swap softmax in type(LlamaAttention) for stablemax()\n"
+    'quantize type(Linear) - modules("lm_head") to int4 using gptq(data=calib, group=32)',
+], ids=["swap", "swap_then_gptq"])
+def test_streamed_expectations_after_a_swap_equal_the_in_memory_ones(body, tmp_path, capsys):
+    """`expect` evaluated block by block (executor/evaluate.py) on the swapped result: the same
+    floats as in memory, and a real change from the original."""
+    from tests.test_executor_expect import _both as both_expect
+    from tests.test_executor_expect import _recipe
+
+    ckpt = _bf16_checkpoint(tmp_path / "ck")
+    mem, streamed = both_expect(tmp_path, _recipe(ckpt, body), capsys)
+    assert streamed == mem
+    assert mem[0]["value"] != mem[0]["original"]
