@@ -290,6 +290,16 @@ class Pass:
     # Plan-time checks run the model's own code (tracing its forward), so planning must build
     # the real architecture rather than a structural skeleton (surgery/skeleton.py).
     plan_needs_code: ClassVar[bool] = False
+    # A BLOCK pass that collects per-layer statistics (Hessians, activation norms) from its
+    # calibration data; False for one that only runs the blocks (the attention swap's trace):
+    # the memory estimate (surgery/executor/memory.py) counts neither Hessians nor data for it.
+    collects_statistics: ClassVar[bool] = True
+
+    @classmethod
+    def stream_refusal(cls, params: PassParams) -> str | None:
+        """Why this step, with these parameters, cannot run in a streamed run (one block
+        resident at a time, surgery/executor); None when its granularity says it all."""
+        return None
 
     def __init__(self, params: PassParams):
         self.params = params

@@ -8,12 +8,15 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
+from surgery.diagnostics import SurgeryError
 from surgery.passapi import (DataRef, Granularity, ModulePass, PassError, PassParams, PassResult,
                              Problem, RunContext, State, StepReport, register_state)
 
+from surgery.passes.calib import calibrate_sequential
+
 from .intercept import NormaliserSpec
-from .swap import (MARKER, AttentionSwap, CannotSynthesise, _no_nested_tensors, capture_inputs,
-                   example_inputs, install, is_swapped, no_attention_reason, trace_stats)
+from .swap import (MARKER, AttentionSwap, CannotSynthesise, _no_nested_tensors, example_inputs, install,
+                   is_swapped, no_attention_reason, trace_stats)
 
 SUPPORTED_OPS = ("softmax",)
 SELECT_ATTENTION = 'select attention modules, e.g. type(LlamaAttention) or modules("**.self_attn")'
@@ -43,6 +46,7 @@ class SwapPass(ModulePass):
 
     plan_needs_code = True  # check_module traces the attention forward to find the softmax
     granularity = Granularity.BLOCK  # traces each attention block, on captured inputs if needed
+    collects_statistics = False  # one short sequence through the blocks, nothing per layer
 
     verb: ClassVar[str] = "swap"
     accepts = frozenset({State.MASKED, State.QUANTIZED, State.ADAPTED, State.MERGED})
@@ -56,6 +60,13 @@ class SwapPass(ModulePass):
         raise NotImplementedError
 
     # -- plan time ------------------------------------------------------------------------
+    @classmethod
+    def stream_refusal(cls, params: SwapParams) -> str | None:
+        if params.data is not None:
+            return (f"data={params.data} measures perplexity before and after the swap, which runs "
+                    "the whole model at once; drop data= (and measure the saved output in a second run)")
+        return None
+
     def check_module(self, path: str, module: nn.Module) -> str | None:
         if is_swapped(module):
             return f"softmax in {type(module).__name__} was already swapped"
@@ -86,17 +97,20 @@ class SwapPass(ModulePass):
         ds = ctx.dataset(self.params.data) if self.params.data is not None else None
         if ds is not None:
             report.metrics["perplexity_before"] = _perplexity(ctx, ds)
+        # counted first: in a streamed run with a later calibrated step, that step has changed
+        # these modules (e.g. q_proj -> QuantLinear) by the time the engine returns here
+        report.parameters = self.affected_parameters({p: modules[p] for p in paths})
         found = self._trace_all(ctx, {p: modules[p] for p in paths}, spec)
         with ctx.progress.task(f"swap softmax for {spec.kind}", total=len(paths)) as task:
             for path in paths:
                 mod = modules[path]
-                install(mod, spec)
+                if not is_swapped(mod):  # those traced in their block were swapped there
+                    install(mod, spec)
                 _no_nested_tensors(ctx.model, path)
                 report.per_module[path] = {"class": type(mod).__name__, "softmax_rewritten": found[path].rewritten,
                                            "sdpa_decomposed": found[path].sdpa}
                 task.advance()
         report.modules = len(paths)
-        report.parameters = self.affected_parameters({p: modules[p] for p in paths})
         if ds is not None:
             report.metrics["perplexity_after"] = _perplexity(ctx, ds)
         report.notes.append(f"softmax -> {_describe(spec)} in {len(paths)} module(s)")
@@ -106,17 +120,43 @@ class SwapPass(ModulePass):
         return self.result(ctx, report)
 
     def _trace_all(self, ctx: RunContext, targets: dict[str, nn.Module], spec: NormaliserSpec):
-        """Trace every target on synthesised inputs, or on inputs captured from a model run."""
+        """Trace every target on synthesised inputs, or on the inputs the model gives it.
+
+        The second kind is traced, and swapped, block by block inside the calibration engine
+        (``inputs=True``), so that in a streamed run (docs/scale.md) only the current block is
+        resident and a later calibrated step sees the swapped blocks, as in memory. A module
+        whose weights are not resident (meta: a streamed run) is always traced that way."""
         found, pending = {}, {}
         for path, mod in targets.items():
+            if _on_meta(mod):
+                pending[path] = mod
+                continue
             try:
                 args, kwargs = example_inputs(mod)
                 found[path] = trace_stats(mod, spec, args, kwargs)
             except (CannotSynthesise, RuntimeError, TypeError, ValueError):
                 pending[path] = mod
+        for path in found:
+            reason = no_attention_reason(targets[path], found[path])
+            if reason:
+                raise PassError(reason, module=path, hint=SELECT_ATTENTION)
         if pending:
-            captured = _capture(ctx, pending)
-            for path, mod in pending.items():
+            self._trace_in_blocks(ctx, pending, spec, found)
+        return found
+
+    def _trace_in_blocks(self, ctx: RunContext, pending: dict[str, nn.Module], spec: NormaliserSpec,
+                         found: dict) -> None:
+        """Trace and swap ``pending`` on the (args, kwargs) the calibration forward gives each
+        one: one short sequence of the first data declaration, or 8 zero token ids."""
+        ids = None
+        for ds in ctx.data.values():
+            ids = ds.calibration[:1, :16]
+            break
+        if ids is None:
+            ids = torch.zeros(1, 8, dtype=torch.long)
+
+        def transform(mods: dict[str, nn.Module], captured: dict[str, tuple]) -> None:
+            for path, mod in mods.items():
                 if path not in captured:
                     raise PassError(f"{type(mod).__name__} was not called when the model ran, so it cannot be "
                                     "traced", module=path, hint="select attention modules the model uses")
@@ -126,28 +166,25 @@ class SwapPass(ModulePass):
                 except Exception as e:  # noqa: BLE001 - reported with the module's name
                     raise PassError(f"tracing {type(mod).__name__} failed: {type(e).__name__}: {e}",
                                     module=path) from e
-        for path, mod in targets.items():
-            reason = no_attention_reason(mod, found[path])
-            if reason:
-                raise PassError(reason, module=path, hint=SELECT_ATTENTION)
-        return found
+                reason = no_attention_reason(mod, found[path])
+                if reason:
+                    raise PassError(reason, module=path, hint=SELECT_ATTENTION)
+                install(mod, spec)  # before the engine runs this block for the next one
+
+        first = next(iter(pending))
+        try:
+            calibrate_sequential(ctx.model, ids, pending, transform, progress=ctx.progress,
+                                 batch_size=1, label=f"trace attention for {spec.kind}", inputs=True)
+        except (PassError, SurgeryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the model's own error, reported with context
+            raise PassError(f"cannot trace {type(pending[first]).__name__}: example inputs could not be built from "
+                            f"its signature and running the model on token ids failed ({type(e).__name__}: {e})",
+                            module=first, hint="swap attention in a model that takes input_ids") from e
 
 
-def _capture(ctx: RunContext, pending: dict[str, nn.Module]) -> dict[str, tuple]:
-    model = ctx.model
-    ids = None
-    for ds in ctx.data.values():
-        ids = ds.calibration[:1, :16]
-        break
-    if ids is None:
-        ids = torch.zeros(1, 8, dtype=torch.long)
-    first = next(iter(pending))
-    try:
-        return capture_inputs(model, pending, ids)
-    except Exception as e:  # noqa: BLE001 - the model's own error, reported with context
-        raise PassError(f"cannot trace {type(pending[first]).__name__}: example inputs could not be built from its "
-                        f"signature and running the model on token ids failed ({type(e).__name__}: {e})",
-                        module=first, hint="swap attention in a model that takes input_ids") from e
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in module.parameters())
 
 
 def _outermost(paths: list[str]) -> list[str]:

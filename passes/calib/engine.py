@@ -208,26 +208,35 @@ class _StatsHooks:
 def calibrate_sequential(model: nn.Module, calibration: torch.Tensor,
                          targets: dict[str, nn.Module], transform: Transform, *, progress,
                          batch_size: int = 8, true_sequential: bool = False, gram: bool = True,
-                         label: str = "calibrate") -> None:
-    """Run ``transform`` on every target, block by block (see the package docstring)."""
+                         label: str = "calibrate", inputs: bool = False) -> None:
+    """Run ``transform`` on every target, block by block (see the package docstring).
+
+    ``inputs=True`` collects no statistics: ``transform(modules, captured)`` gets, for each
+    target the first batch's forward called, the ``(args, kwargs)`` of that first call (a target
+    never called is missing; the transform decides). For passes that trace a module on the
+    inputs the model gives it (the attention swap). The model keeps its train/eval mode (the
+    forward is the one the model would run), and in a distributed run every rank runs every
+    batch (nothing is reduced, so nothing is split)."""
     if not targets:
         return
     was_training = model.training
-    model.eval()
+    if not inputs:
+        model.eval()
     try:
         _Engine(model, calibration, dict(targets), transform, progress, batch_size,
-                true_sequential, gram, label).run()
+                true_sequential, gram, label, inputs).run()
     finally:
         model.train(was_training)
 
 
 class _Engine:
     def __init__(self, model, calibration, targets, transform, progress, batch_size,
-                 true_sequential, gram, label):
+                 true_sequential, gram, label, inputs=False):
         self.model = model
         self.batches = [calibration[i:i + batch_size]
                         for i in range(0, calibration.shape[0], batch_size)]
-        self.group = distributed.current()
+        self.inputs = inputs
+        self.group = None if inputs else distributed.current()
         if self.group is not None:  # this rank's contiguous share of the batches
             share = distributed.batch_slice(len(self.batches), self.group)
             if not share:
@@ -331,6 +340,9 @@ class _Engine:
     def _stage(self, forward: Callable[[int], Any], paths: list[str],
                stop_at: nn.Module | None = None) -> None:
         """Collect statistics for ``paths`` through ``forward`` and transform them (by groups)."""
+        if self.inputs:
+            self._stage_inputs(forward, paths, stop_at)
+            return
         order = None
         groups = [paths]
         if self.true_sequential:  # the groups come from the call order: one forward to see it
@@ -380,6 +392,36 @@ class _Engine:
             replaced = self.transform(mods, hooks.stats) or {}
             for p, new in replaced.items():
                 replace_module(self.model, p, new)
+
+    def _stage_inputs(self, forward: Callable[[int], Any], paths: list[str],
+                      stop_at: nn.Module | None) -> None:
+        """``inputs=True``: the (args, kwargs) of each target's first call on the first batch
+        (the forward stops once every target was called), then ``transform``."""
+        mods = {p: self.model.get_submodule(p) for p in paths}
+        captured: dict[str, tuple[list, dict]] = {}
+
+        def make(path):
+            def pre(module, args, kwargs):
+                captured.setdefault(path, (list(args), dict(kwargs)))
+                if len(captured) == len(mods):
+                    raise _Stop
+            return pre
+
+        handles = [m.register_forward_pre_hook(make(p), with_kwargs=True)
+                   for p, m in mods.items()]
+        if stop_at is not None:
+            handles.append(stop_at.register_forward_pre_hook(_raise_stop))
+        try:
+            try:
+                forward(0)
+            except _Stop:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        replaced = self.transform(mods, captured) or {}
+        for p, new in replaced.items():
+            replace_module(self.model, p, new)
 
     # -- distributed (surgery.distributed) ------------------------------------------------------
 

@@ -101,7 +101,8 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
     # streamed run (executor/multistep.py); the one computing also holds the next block's
     # inputs and one batch inside the MLP.
     held, working = 0, 0
-    for r in calib_rows:
+    stats_rows = [r for r in calib_rows if r.step.pass_cls.collects_statistics]
+    for r in stats_rows:
         for n in r.step.pass_cls.data_fields():
             d = data.get(getattr(r.step.params, n, None))
             if d is None:
@@ -162,7 +163,7 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
         if in_calib:
             mods = [m for m in model.get_submodule(u.paths[0]).modules()
                     if isinstance(m, nn.Linear)]
-            cost += hessian_bytes([m.in_features for m in mods]) + calib
+            cost += (hessian_bytes([m.in_features for m in mods]) if stats_rows else 0) + calib
         if embeds:
             cost += captured  # the captured block inputs, while the embeddings are resident
         if ev_states and u.is_block:

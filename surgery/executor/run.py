@@ -434,8 +434,10 @@ class StreamRunner:
         from surgery.deploy import hf_dir
 
         final = self.plan.result if self.plan.result is not None else self.model
-        self.layout, self.converted, _ = hf_dir.classify(
+        self.layout, self.converted, self.refusals = hf_dir.classify(
             final, registry.surgery_modules(final), hf=hf_dir._is_hf(self.model))
+        if self.refusals:  # a surgery-only layout converts nothing (as hf_dir.view writes it)
+            self.converted = {}
         stem = "surgery" if self.layout == "surgery-only" else "model"
         if tmp is None:  # a rank other than 0: computes the same blocks, writes nothing
             self.main = self.extra = _NoWriter()
@@ -483,6 +485,8 @@ class StreamRunner:
             tokenizer.save_pretrained(str(tmp))
         record: dict[str, Any] = {"layout": self.layout, "files": files,
                                   "converted": dict(sorted(self.converted.items()))}
+        if self.refusals:  # why the layout is surgery-only, as an in-memory save records it
+            record["no_standard_form"] = dict(sorted(self.refusals.items()))
         full = {**emit.manifest(prov), "format_version": emit.FORMAT_VERSION,
                 "versions": emit.versions(), "modules": registry.surgery_modules(self.model),
                 "aliases": self.aliases, "base": emit._base_info(self.model), "weights": record}

@@ -94,6 +94,11 @@ def stages(rows: list[PlanRow], blocks: list[str], program, has_expectations: bo
                                     help="run with --stream off (it then needs the whole model "
                                          "in memory; `surgery plan` shows the estimate)"))
             continue
+        why = cls.stream_refusal(step.params)
+        if why:
+            diags.append(Diagnostic("E0902", f"{name} cannot be streamed: {why}", step.stmt.span,
+                                    help="run with --stream off"))
+            continue
         if cls.granularity is Granularity.BLOCK:
             outside = [p for p in row.modules if not any(_inside(p, b) for b in blocks)]
             if outside:
