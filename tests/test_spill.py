@@ -181,3 +181,25 @@ def test_interrupt_while_spilled_removes_the_files(ckpt, tmp_path, capsys, monke
     assert seen["files"] >= 4  # the files were there when the interrupt came
     assert _leftovers(tmp_path) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_two_calibrated_steps_spill_in_one_sweep(ckpt, tmp_path, monkeypatch):
+    """Each step's thread (executor/multistep.py) spills its own stream, under the same root."""
+    from tests.test_multicalib import SPARSE_GPTQ
+
+    s = _script(tmp_path, SPARSE_GPTQ.format(ckpt=ckpt))
+    assert _apply(s, tmp_path / "mem", "--stream", "off") == 0
+    dirs = set()
+    real = spill.SpillStore.write
+
+    def recording(self, t):
+        path = real(self, t)
+        dirs.add(path.parent.name)
+        return path
+
+    monkeypatch.setattr(spill.SpillStore, "write", recording)
+    assert _apply(s, tmp_path / "spilled", "--stream", "on", "--spill-activations",
+                  str(tmp_path / "sp")) == 0
+    assert len(dirs) == 2  # one spill directory per calibrated step
+    _same(_weights(tmp_path / "mem"), _weights(tmp_path / "spilled"))
+    assert _leftovers(tmp_path) == []
