@@ -111,9 +111,9 @@ def test_budget_that_fits_only_with_spilling_spills(ckpt, tmp_path, monkeypatch,
     held, spilled = est["host_streamed_bytes"], est["host_streamed_spilled_bytes"]
     assert spilled < held
     count = _Count(monkeypatch)
-    # between the two estimates: only the spilled run fits
+    # between the two estimates: only the spilled run fits (--stream auto, the CLI default)
     assert main(["apply", str(s), "-o", str(tmp_path / "a"), "--format", "json",
-                 "--stream", "on", "--max-memory", str((held + spilled) // 2)]) == 0
+                 "--max-memory", str((held + spilled) // 2)]) == 0
     rep = json.loads(capsys.readouterr().out)["streamed"]
     assert rep["spilled_activations_to"] == str(tmp_path.resolve())  # next to the output
     assert rep["estimate"]["host_streamed_bytes"] == spilled

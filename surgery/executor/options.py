@@ -84,7 +84,7 @@ def try_stream(program, model, opts: Options, *, seed: int, output, progress):
                 help="use an hf: directory or zoo: model, or --stream off"),
                 checked.source, checked.subject.span if checked.subject else None)
         return None
-    est = plan_estimate(plan, d, opts.device)
+    est = held = plan_estimate(plan, d, opts.device)
     spill_root = opts.spill_activations
     if spill_root is None and opts.max_memory is not None and opts.max_memory < est.host_streamed:
         # the block inputs on disk may be what makes the budget fit (passes/calib/spill.py):
@@ -96,7 +96,9 @@ def try_stream(program, model, opts: Options, *, seed: int, output, progress):
     if spill_root is not None:
         est = plan_estimate(plan, d, opts.device, spill=True)
     check_budget(est, opts.max_memory, opts.max_device_memory, opts.device, checked)
-    if not should_stream(opts.stream, est, opts.max_memory, opts.device):
+    # the in-memory path keeps its activations in memory (unless --spill-activations): judge
+    # it by the estimate that holds them
+    if not should_stream(opts.stream, held, opts.max_memory, opts.device):
         return None
     dirs = {}
     for name, decl in checked.models.items():
