@@ -73,7 +73,8 @@ class Program:
               trust_remote_code: bool = False, models: dict | None = None,
               device: str | None = None, dtype: str | None = None, stream: str = "off",
               max_memory: int | str | None = None, max_device_memory: int | str | None = None,
-              max_shard_size: int | str | None = None) -> Result:
+              max_shard_size: int | str | None = None,
+              spill_activations: str | Path | None = None) -> Result:
         """Run the script on ``model`` (default: load the script's model) and return the new
         model in ``Result.model``. A module you pass in is copied first and never modified,
         unless ``inplace=True`` (no copy: less memory, and your module is edited). ``models``
@@ -85,13 +86,17 @@ class Program:
         ``device`` ("cpu", "cuda", "cuda:N"), writing the output as it goes (``Result.model`` is
         then the model's meta-device skeleton); ``"auto"`` streams when the in-memory estimate
         exceeds ``max_memory`` (or the available RAM). ``dtype`` ("bf16", "fp16", "fp32")
-        overrides the output's float dtype (default: the checkpoint's). Models given as modules
+        overrides the output's float dtype (default: the checkpoint's).
+        ``spill_activations`` (a directory) keeps the calibration activations on disk there
+        instead of in memory; a streamed run does so by itself (next to the output) when only
+        that makes ``max_memory`` fit. Models given as modules
         (``model`` or ``models``) are in memory already, so they never stream."""
         from surgery.executor import options as xopt
+        from surgery.passes.calib.spill import spilling
 
         opts = xopt.resolve(self, device=device, dtype=dtype, stream=stream,
                             max_memory=max_memory, max_device_memory=max_device_memory,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, spill_activations=spill_activations)
         if (opts.wants_stream_check and not models
                 and not isinstance(model, (nn.Module, LoadedModel))):
             with remote_code(trust_remote_code):
@@ -117,7 +122,8 @@ class Program:
                 loaded = load_models(checked, subject, progress=runner.progress,
                                      trust_pickle=trust_pickle,
                                      given=given_models(checked, models))
-                return runner.run(plan_for(checked, loaded), loaded, output=out)
+                with spilling(opts.spill_activations):  # explicit only: in memory it fits
+                    return runner.run(plan_for(checked, loaded), loaded, output=out)
         finally:
             release_output(out or checked.save_path)  # the runner's claim on the output
 

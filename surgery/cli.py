@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-memory", help="host memory budget, e.g. 6GB")
     ap.add_argument("--max-device-memory", help="device memory budget, e.g. 40GB")
     ap.add_argument("--max-shard-size", help="largest output shard (default 5GB)")
+    ap.add_argument("--spill-activations", metavar="DIR",
+                    help="keep calibration activations on disk under DIR, not in memory "
+                         "(streamed runs do so by themselves when only that fits --max-memory)")
     ep = sub.add_parser("explain", help="explain a diagnostic code, e.g. `surgery explain E0500`")
     ep.add_argument("code", help="a code such as E0500")
     pp = sub.add_parser("passes", help="list registered passes and their parameters")
@@ -109,18 +112,28 @@ def cmd_plan(args, console) -> int:
     prog = _load_program(args.file)
     plan = prog.plan(args.model, trust_remote_code=args.trust_remote_code)
     est = _estimate(plan)
+    spilled = _estimate(plan, spill=True) if est is not None else None
+    if spilled is not None and spilled.host_streamed >= est.host_streamed:
+        spilled = None  # no calibration activations to spill
     if args.format == "json":
-        print(json.dumps(plan.to_json() | ({"memory": est.to_json()} if est else {}), indent=2))
+        mem = est.to_json() | ({"host_streamed_spilled_bytes": spilled.host_streamed}
+                               if spilled else {}) if est else None
+        print(json.dumps(plan.to_json() | ({"memory": mem} if mem else {}), indent=2))
     else:
         _print_plan(plan, console)
         if est is not None:
             console.print(f"estimated peak host memory: {_fmt_bytes(est.host_in_memory)} in "
                           f"memory, {_fmt_bytes(est.host_streamed)} streamed (--stream on; "
                           f"largest unit {_fmt_bytes(est.min_unit)} in fp32)")
+        if spilled is not None:
+            console.print(f"with calibration activations spilled to disk: "
+                          f"{_fmt_bytes(spilled.host_streamed)} streamed (chosen by itself when "
+                          f"only that fits --max-memory, next to the output; or "
+                          f"--spill-activations DIR)")
     return EXIT_OK
 
 
-def _estimate(plan):
+def _estimate(plan, spill: bool = False):
     """The memory estimate for a plan bound to a safetensors checkpoint, else None."""
     import torch
 
@@ -130,7 +143,7 @@ def _estimate(plan):
     d = local_dir(plan.subject_source)
     if d is None or not list(d.glob("*.safetensors")):
         return None
-    return plan_estimate(plan, d, torch.device("cpu"))
+    return plan_estimate(plan, d, torch.device("cpu"), spill=spill)
 
 
 def cmd_apply(args, console) -> int:
@@ -149,7 +162,8 @@ def cmd_apply(args, console) -> int:
                         trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code,
                         device=args.device, dtype=args.dtype, stream=args.stream,
                         max_memory=args.max_memory, max_device_memory=args.max_device_memory,
-                        max_shard_size=args.max_shard_size)
+                        max_shard_size=args.max_shard_size,
+                        spill_activations=args.spill_activations)
     rep = result.report
     if not distributed.is_writer():
         return EXIT_OK  # rank 0 reports
@@ -219,6 +233,9 @@ def _print_resources(rep, console) -> None:
     console.print(f"streamed {s['units']} units ({s['blocks']} blocks) in {s['seconds']:.1f}s; "
                   f"peak memory: {_fmt_bytes(peak)} resident{dev} (estimated "
                   f"{_fmt_bytes(est)})")
+    if s.get("spilled_activations_to"):
+        console.print(f"calibration activations were spilled to disk under "
+                      f"{s['spilled_activations_to']} (removed)")
 
 
 def _show(v) -> str:

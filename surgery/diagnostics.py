@@ -224,6 +224,8 @@ class Code(str, enum.Enum):
     # distributed calibration (surgery.distributed)
     E0910 = "E0910"
     E0911 = "E0911"
+    # calibration activations spilled to disk (passes/calib/spill.py)
+    E0912 = "E0912"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -297,6 +299,7 @@ TITLES: dict[Code, str] = {
     Code.E0903: "expectation not evaluated in a streamed run",
     Code.E0910: "a process of a distributed run failed",
     Code.E0911: "cannot start or join a distributed run",
+    Code.E0912: "cannot spill calibration activations to disk",
 }
 
 # Kept for callers that want code -> title as plain strings.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = ["foundation", "quantize", "prune", "compensate", "evopress", "adapters", "merge",
-         "attention", "kernels", "inference", "deploy", "training", "scale"]
+         "attention", "kernels", "inference", "deploy", "training", "scale", "spill"]
 
 HEADER = """# Benchmark results
 

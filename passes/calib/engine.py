@@ -14,6 +14,7 @@ import torch.nn as nn
 from surgery import distributed
 from surgery.modelcall import first_output, forward_ids
 from surgery.passapi import PassError, replace_module
+from surgery.passes.calib import spill
 from surgery.passes.calib.stats import LinearStats
 
 # Set by the streamed executor (surgery/executor/multistep.py): an object with ``begin()`` (a
@@ -252,10 +253,22 @@ class _Engine:
         self.gram = gram
         self.label = label
         self.call = _model_call(model)
+        root = spill.SPILL_ROOT.get()  # block inputs on disk (passes/calib/spill.py)
+        self.spill = spill.SpillStore(root) if root is not None else None
+
+    def _new_inputs(self):
+        return self.spill.inputs() if self.spill is not None else []
 
     # -- stages --------------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:  # the spilled files go on success, error and Ctrl-C alike
+            if self.spill is not None:
+                self.spill.close()
+
+    def _run(self) -> None:
         container, blocks = find_blocks(self.model, list(self.targets))
         in_block = {b: [t for t in self.targets if _inside(t, b)] for b in blocks}
         outside = [t for t in self.targets if not any(_inside(t, b) for b in blocks)]
@@ -278,6 +291,7 @@ class _Engine:
                     self._stage(lambda i: self.call(self.batches[i]), early,
                                 stop_at=self.model.get_submodule(blocks[0]))
                     outside = [t for t in outside if t not in early]
+                    spill.release(inputs)
                     inputs, _ = self._capture(blocks[0], [])
                 # with targets only in the first blocks (a selector such as layers 0-3), the
                 # rest of the stack needs no forwards, unless targets after it (lm_head) do
@@ -288,16 +302,20 @@ class _Engine:
                     if residency is not None:
                         residency.enter(bpath)
                     block = self.model.get_submodule(bpath)
-                    fwd = (lambda blk: lambda i: blk(*inputs[i].args, **inputs[i].kwargs))(block)
+                    fwd = (lambda blk: lambda i: _call(blk, inputs[i]))(block)
                     if in_block[bpath]:
                         self._stage(fwd, in_block[bpath])
                     if bi < last_needed:  # the next block's inputs, from transformed weights
                         block = self.model.get_submodule(bpath)
-                        inputs = [inp.with_hidden(first_output(
-                            block(*inp.args, **inp.kwargs))) for inp in inputs]
+                        nxt = self._new_inputs()
+                        for inp in inputs:  # spilled: one batch read back at a time
+                            nxt.append(inp.with_hidden(first_output(_call(block, inp))))
+                        spill.release(inputs)
+                        inputs = nxt
                     if residency is not None:
                         residency.leave(bpath)
                     task.advance()
+                spill.release(inputs)
                 del inputs
             if outside:  # the rest (lm_head, or a model without repeated blocks): full forwards
                 task.describe(f"{self.label}: remaining layers")
@@ -307,7 +325,7 @@ class _Engine:
     def _capture(self, block_path: str, outside: list[str]):
         """Inputs of the first block for every batch, and the outside targets that ran before it."""
         block = self.model.get_submodule(block_path)
-        captured: list[_BlockInput] = []
+        captured = self._new_inputs()  # spilled as captured, when spilling
         fired: list[str] = []
 
         def pre(module, args, kwargs):
@@ -498,6 +516,10 @@ class _Engine:
             for h in handles:
                 h.remove()
         return rec.order
+
+
+def _call(block: nn.Module, inp: _BlockInput):
+    return block(*inp.args, **inp.kwargs)
 
 
 def _raise_stop(module, args):

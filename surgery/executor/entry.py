@@ -35,7 +35,7 @@ def parse_device(spec: str | torch.device | None, source=None) -> torch.device:
     return dev
 
 
-def plan_estimate(plan, source_dir: Path, device: torch.device) -> Estimate:
+def plan_estimate(plan, source_dir: Path, device: torch.device, spill: bool = False) -> Estimate:
     """The peak-memory estimate of ``plan`` on the checkpoint in ``source_dir`` (config only)."""
     from surgery.executor.residency import empty_model, plan_units
     from surgery.models import read_config
@@ -49,7 +49,7 @@ def plan_estimate(plan, source_dir: Path, device: torch.device) -> Estimate:
     _, blocks = find_blocks(model, leaf_paths)
     units = plan_units(model, blocks)
     return estimate(model, units, plan.steps, plan.program.data, device=device.type,
-                    stored_bytes=stored, expectations=plan.program.expectations)
+                    stored_bytes=stored, expectations=plan.program.expectations, spill=spill)
 
 
 def check_budget(est: Estimate, max_memory: int | None, max_device_memory: int | None,

@@ -9,6 +9,8 @@ The model (docs/scale.md "memory model"), in bytes, fp32 compute (4 bytes a para
                            each calibrated step, + the same again (the next block's inputs)
                            and one batch's activations inside a block for the step computing,
                            + the Hessians of one block's layers (hessian_bytes)
+                         (spilled to disk, passes/calib/spill.py: the block inputs become two
+                         batches' worth, one read back and the next one being computed)
                          (an untouched embedding the calibration forward reads is onloaded in
                          its stored dtype)
     in-memory host peak = BASE + 4 * all parameters + the same transients
@@ -85,10 +87,11 @@ def _evaluation(model: nn.Module, expectations, data: dict) -> tuple[int, int, i
 
 
 def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
-             stored_bytes: int = 2, expectations=()) -> Estimate:
+             stored_bytes: int = 2, expectations=(), spill: bool = False) -> Estimate:
     """``model``: a meta skeleton; ``units``: residency.plan_units; ``rows``: plan steps;
     ``data``: the program's data declarations (samples, seqlen); ``stored_bytes``: bytes per
-    weight in the checkpoint (2 for bf16); ``expectations``: the program's `expect`s."""
+    weight in the checkpoint (2 for bf16); ``expectations``: the program's `expect`s;
+    ``spill``: calibration activations spilled to disk (passes/calib/spill.py)."""
     from surgery.executor.schedule import is_streamable_merge
     from surgery.passapi import Granularity
 
@@ -113,6 +116,10 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
                         samples)
             inter = getattr(model.config, "intermediate_size", 4 * hidden)
             inputs = samples * d.seqlen * hidden * 4
+            if spill:  # on disk; resident: the batch read back and the next one computed
+                working = max(working, 2 * batch * d.seqlen * hidden * 4
+                              + 3 * batch * d.seqlen * inter * 4)
+                break
             held += inputs
             working = max(working, inputs + 3 * batch * d.seqlen * inter * 4)
             break

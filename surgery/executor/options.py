@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,7 @@ class Options:
     max_memory: int | None
     max_device_memory: int | None
     max_shard_bytes: int | None
+    spill_activations: str | None = None  # spill calibration activations under this directory
 
     @property
     def wants_stream_check(self) -> bool:
@@ -41,7 +44,7 @@ def _size(name: str, value) -> int | None:
 
 
 def resolve(program, *, device=None, dtype=None, stream="off", max_memory=None,
-            max_device_memory=None, max_shard_size=None) -> Options:
+            max_device_memory=None, max_shard_size=None, spill_activations=None) -> Options:
     from surgery.executor.entry import parse_device
 
     if stream not in ("on", "off", "auto"):
@@ -53,7 +56,8 @@ def resolve(program, *, device=None, dtype=None, stream="off", max_memory=None,
             raise error("E0301", f"unknown dtype `{dtype}`", help="use bf16, fp16 or fp32")
     return Options(parse_device(device), dt, stream, _size("--max-memory", max_memory),
                    _size("--max-device-memory", max_device_memory),
-                   _size("--max-shard-size", max_shard_size))
+                   _size("--max-shard-size", max_shard_size),
+                   None if spill_activations is None else str(spill_activations))
 
 
 def try_stream(program, model, opts: Options, *, seed: int, output, progress):
@@ -65,6 +69,7 @@ def try_stream(program, model, opts: Options, *, seed: int, output, progress):
     from surgery.executor.run import StreamOptions, StreamRunner
     from surgery.models import local_dir
     from surgery.outputs import release as release_output
+    from surgery.passes.calib.spill import spilling
 
     checked = program.check()
     source = model if model is not None else (checked.subject.source if checked.subject
@@ -79,9 +84,21 @@ def try_stream(program, model, opts: Options, *, seed: int, output, progress):
                 help="use an hf: directory or zoo: model, or --stream off"),
                 checked.source, checked.subject.span if checked.subject else None)
         return None
-    est = plan_estimate(plan, d, opts.device)
+    est = held = plan_estimate(plan, d, opts.device)
+    spill_root = opts.spill_activations
+    if spill_root is None and opts.max_memory is not None and opts.max_memory < est.host_streamed:
+        # the block inputs on disk may be what makes the budget fit (passes/calib/spill.py):
+        # next to the output, on the disk that must hold the output anyway
+        spilled = plan_estimate(plan, d, opts.device, spill=True)
+        if spilled.host_streamed < est.host_streamed:
+            save = output if output is not None else checked.save_path
+            spill_root = str(Path(save).resolve().parent) if save else tempfile.gettempdir()
+    if spill_root is not None:
+        est = plan_estimate(plan, d, opts.device, spill=True)
     check_budget(est, opts.max_memory, opts.max_device_memory, opts.device, checked)
-    if not should_stream(opts.stream, est, opts.max_memory, opts.device):
+    # the in-memory path keeps its activations in memory (unless --spill-activations): judge
+    # it by the estimate that holds them
+    if not should_stream(opts.stream, held, opts.max_memory, opts.device):
         return None
     dirs = {}
     for name, decl in checked.models.items():
@@ -97,8 +114,10 @@ def try_stream(program, model, opts: Options, *, seed: int, output, progress):
                           model_dirs=dirs)
     out = str(output) if output is not None else None
     try:
-        result = runner.run(out)
+        with spilling(spill_root):
+            result = runner.run(out)
     finally:
         release_output(out or checked.save_path)
-    result.report.streamed = {**runner.stats, "estimate": est.to_json()}
+    result.report.streamed = {**runner.stats, "estimate": est.to_json(),
+                              "spilled_activations_to": spill_root}
     return result

@@ -425,7 +425,8 @@ class StreamRunner:
         except PassError as e:
             step = row.step
             where = f" (module `{e.module}`)" if e.module else ""
-            raise SurgeryError(Diagnostic("E0801", f"{step.verb} using {step.method} failed"
+            code = e.code or "E0801"  # a pass may name a more specific code (E0912 ...)
+            raise SurgeryError(Diagnostic(code, f"{step.verb} using {step.method} failed"
                                           f"{where}: {e.message}", step.stmt.span, help=e.hint,
                                           source=self.program.source))
 
