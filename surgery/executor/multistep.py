@@ -111,10 +111,10 @@ class Sweep:
         # per-thread state the steps' threads take from this one
         state = (torch.is_grad_enabled(), torch.get_num_threads(),
                  torch.cuda.current_device() if torch.cuda.is_initialized() else None)
+        _one_heap()
         if self.k == 1:
             self._step(0, state)
         else:
-            _one_heap()
             threads = [threading.Thread(target=contextvars.copy_context().run,
                                         args=(self._step, j, state),
                                         name=f"surgery-calibrate-{j}", daemon=True)
@@ -327,8 +327,11 @@ def _one_heap() -> None:
     peak RSS of SparseGPT + GPTQ on llama-0.25b (2 blocks, 16 x 512) was 1.42 GB. Capping the
     arenas at run time (others may exist already) gave 1.38 GB; also mapping every allocation
     of 4 MiB or more on its own (returned to the OS when freed) gave 1.21 GB, the peak of
-    SparseGPT alone (docs/bench/scale.md). Process-wide, set once a sweep has several steps.
-    Not glibc: nothing to do."""
+    SparseGPT alone (docs/bench/scale.md). With one step the mapping threshold matters too:
+    blocks of different shapes leave the heap fragmented between tensors below glibc's dynamic
+    threshold (up to 32 MiB). (A 4-block 8B-shaped GPTQ run without it was sampled at 5.75 GB
+    resident in block 0 and 6.6 GB later; the cause of the growth was not separated.)
+    Process-wide, set when a streamed sweep starts. Not glibc: nothing to do."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, 1)  # M_ARENA_MAX
