@@ -429,14 +429,7 @@ class _Engine:
                    for p, m in mods.items()]
         if stop_at is not None:
             handles.append(stop_at.register_forward_pre_hook(_raise_stop))
-        try:
-            try:
-                forward(0)
-            except _Stop:
-                pass
-        finally:
-            for h in handles:
-                h.remove()
+        _first_batch(forward, handles)
         replaced = self.transform(mods, captured) or {}
         for p, new in replaced.items():
             replace_module(self.model, p, new)
@@ -506,15 +499,7 @@ class _Engine:
         """Call order of ``paths`` on the first batch (for grouping and early stopping)."""
         mods = {self.model.get_submodule(p): p for p in paths}
         rec = _Recorder(mods)
-        handles = [m.register_forward_pre_hook(rec.hook) for m in mods]
-        try:
-            try:
-                forward(0)
-            except _Stop:
-                pass
-        finally:
-            for h in handles:
-                h.remove()
+        _first_batch(forward, [m.register_forward_pre_hook(rec.hook) for m in mods])
         return rec.order
 
 
@@ -524,6 +509,18 @@ def _call(block: nn.Module, inp: _BlockInput):
 
 def _raise_stop(module, args):
     raise _Stop
+
+
+def _first_batch(forward: Callable[[int], Any], handles: list) -> None:
+    """Run batch 0 through ``forward`` (a hook may end it early), then remove ``handles``."""
+    try:
+        try:
+            forward(0)
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _stop_after(order: list[tuple[str, int]], mods: dict[str, nn.Module]) -> str | None:
