@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--finetune-batch", type=int, default=2)
     ap.add_argument("--finetune-seqlen", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eora-params", default="{}",
+                    help='extra eora parameters as JSON, e.g. {"true_sequential": true}')
+    ap.add_argument("--methods", default="svd,eora", help="compensation methods to run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="")
     ap.add_argument("--fp32-ppl", type=float, default=None,
@@ -125,6 +128,7 @@ def main() -> None:
               "calib": f"{args.samples}x{args.calib_seqlen}",
               "comp_calib": f"{args.comp_samples or args.samples}x{args.calib_seqlen}",
               "eval_tokens": int(evaluation.numel()), "rank": args.rank,
+              "eora_params": json.loads(args.eora_params),
               "load_at_start": round(os.getloadavg()[0], 1)}
     t0 = time.perf_counter()
     if args.fp32_ppl is None:
@@ -141,8 +145,9 @@ def main() -> None:
         ppl_c = perplexity(compressed, evaluation)
         gap = math.log(ppl_c) - math.log(fp)
         row = {"config": label, "compress_s": secs, "ppl": ppl_c, **common}
-        for comp, kw in (("svd", {"rank": args.rank}),
-                         ("eora", {"rank": args.rank, "data": "calib"})):
+        methods = (("svd", {"rank": args.rank}),
+                   ("eora", {"rank": args.rank, "data": "calib", **json.loads(args.eora_params)}))
+        for comp, kw in (m for m in methods if m[0] in args.methods.split(",")):
             model = copy.deepcopy(compressed)
             secs, rep = run_pass(model, "compensate", comp, kw, comp_calib, {REFERENCE: base})
             ppl = perplexity(model, evaluation)

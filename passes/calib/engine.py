@@ -15,7 +15,7 @@ from surgery import distributed
 from surgery.modelcall import first_output, forward_ids
 from surgery.passapi import PassError, replace_module
 from surgery.passes.calib import spill
-from surgery.passes.calib.stats import LinearStats
+from surgery.passes.calib.stats import LinearStats, gram_row_blocks
 
 # Set by the streamed executor (surgery/executor/multistep.py): an object with ``begin()`` (a
 # sweep starts), ``enter(block)`` (onload the block), ``leave(block)`` (the block is done: later
@@ -179,7 +179,7 @@ class _StatsHooks:
                 owner.users += 1
                 self.stats[path] = stats = owner
             if not any(s is stats for s in entry[2]):
-                if stats.gram is not None:
+                if stats.gram is not None and gram_row_blocks(x.shape[-1]) == x.shape[-1]:
                     if entry[1] is None:
                         flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
                         entry[1] = flat.T @ flat

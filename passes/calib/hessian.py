@@ -31,14 +31,20 @@ def add_damping(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 def inverse_cholesky_upper(H: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): cholesky -> cholesky_inverse -> cholesky.
 
-    ``overwrite``: H⁻¹ is written over a float32 H (garbage afterwards), so that at most two
-    in x in matrices are alive at once instead of four (0.8 GB each for in = 14336)."""
+    ``overwrite``: a float32 H is overwritten by its Cholesky factor (garbage afterwards) and U is
+    factored in place over H⁻¹, so that two in x in matrices are alive at once instead of three
+    (0.8 GB each for in = 14336; measured, the same values bit for bit)."""
     H = H.to(torch.float32)
-    L, info = torch.linalg.cholesky_ex(H)
+    if overwrite:
+        info = torch.empty((), dtype=torch.int32)
+        L = torch.linalg.cholesky_ex(H, out=(H, info))[0]
+    else:
+        L, info = torch.linalg.cholesky_ex(H)
     if info.item() == 0:
-        Hinv = torch.cholesky_inverse(L, out=H) if overwrite else torch.cholesky_inverse(L)
-        del L
-        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        Hinv = torch.cholesky_inverse(L)
+        del L, H
+        U, info = (torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, info)) if overwrite
+                   else torch.linalg.cholesky_ex(Hinv, upper=True))
     if info.item() != 0:
         raise HessianError("the damped Hessian is not positive definite; increase damp")
     return U

@@ -74,6 +74,9 @@ class EoraParams(CompensateParams):
     data: DataRef  # calibration inputs (their covariance defines the eigenspace)
     samples: int | None = None  # use only the first N calibration samples
     batch: int = 8  # calibration sequences per forward
+    # solve the layers of a block in call order, each later layer's inputs computed through the
+    # already compensated earlier ones (q/k/v before o_proj, gate/up before down_proj)
+    true_sequential: bool = False
 
     @field_validator("batch", "samples")
     @classmethod
@@ -217,7 +220,8 @@ class Eora(CompensatePass):
 
         with torch.no_grad():
             calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
-                                 batch_size=p.batch, label=f"EoRA rank {p.rank}"
+                                 batch_size=p.batch, true_sequential=p.true_sequential,
+                                 label=f"EoRA rank {p.rank}"
                                  if isinstance(p.rank, int) else "EoRA")
         extra = {"calibration_samples": int(calib.shape[0]),
                  "calibration_tokens": int(calib.numel())}

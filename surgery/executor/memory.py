@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from surgery.passes.calib.stats import gram_row_blocks
+
 BASE = 560 * 2**20  # python + torch + transformers + surgery + a tokenizer, resident
 # after import (measured: 548 MiB on this machine, docs/scale.md)
 # evaluation tokens of a data set declared without eval_windows: what the built-in corpus gives
@@ -191,13 +193,15 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
 
 def hessian_bytes(widths: list[int]) -> int:
     """Peak bytes of one block's layer Hessians (passes/calib): while collecting, a float64 XᵀX
-    per layer plus one batch's float32 XᵀX of the widest input; while solving the widest layer,
-    its float64 sum and float32 Hessian (take_hessian), then two float32 copies (permutation,
-    Cholesky factors; the others are freed as each layer is solved)."""
+    per layer plus one row block of a batch's float32 XᵀX (stats.gram_row_blocks); while solving
+    the widest layer, its float64 sum converted in place to float32 (take_hessian), then two
+    float32 copies (permutation, Cholesky factors): 8 bytes an element either way. The layers
+    solved before it have freed theirs."""
     if not widths:
         return 0
-    widest = max(widths) ** 2
-    return max(sum(8 * w * w for w in widths) + 4 * widest, 12 * widest)
+    w = max(widths)
+    batch_gram = 4 * w * gram_row_blocks(w)
+    return max(sum(8 * v * v for v in widths), 8 * w * w) + batch_gram
 
 
 def available_ram() -> int:

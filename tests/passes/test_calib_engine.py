@@ -153,6 +153,48 @@ def test_stats_derived_quantities():
         s2.hessian()
 
 
+def test_gram_in_row_blocks_matches_the_whole_product(monkeypatch):
+    # A wide layer's batch XᵀX is formed in row blocks (a 14336-wide one is 0.8 GB whole): the
+    # same dot products, so the sums agree to float32 rounding of the block products.
+    from surgery.passes.calib import stats as stats_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 96)
+    whole = LinearStats(96)
+    whole.add(x)
+    whole.add(x[:1])
+    monkeypatch.setattr(stats_mod, "GRAM_BLOCK_BYTES", 4 * 96 * 10)  # 10 rows a block
+    assert stats_mod.gram_row_blocks(96) == 10
+    blocks = LinearStats(96)
+    blocks.add(x)
+    blocks.add(x[:1])
+    torch.testing.assert_close(blocks.gram, whole.gram, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(blocks.sq_sum, whole.sq_sum, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(blocks.sq_sum, blocks.gram.diagonal())
+    assert (blocks.tokens, blocks.samples) == (whole.tokens, whole.samples)
+    # a deferred (distributed) batch keeps its whole XᵀX, to be folded later
+    deferred = LinearStats(96)
+    deferred.defer()
+    deferred.add(x)
+    assert deferred.pending[0]["gram"].shape == (96, 96)
+
+
+def test_take_hessian_converts_in_place_and_releases_half_the_buffer(monkeypatch):
+    from surgery.passes.calib import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_RELEASE_MIN_BYTES", 0)
+    monkeypatch.setattr(stats_mod, "GRAM_BLOCK_BYTES", 8 * 1000)  # several conversion blocks
+    torch.manual_seed(0)
+    s = LinearStats(300)
+    s.add(torch.randn(2, 50, 300))
+    expected = s.hessian()
+    buffer = s.gram.data_ptr()
+    H = s.take_hessian()
+    assert torch.equal(H, expected) and H.dtype == torch.float32 and H.is_contiguous()
+    assert H.data_ptr() == buffer and s.gram is None  # written over the float64 sum
+    H.add_(1)  # the result is an ordinary writable tensor
+
+
 def test_sequence_var_is_the_dsnot_references_running_variance():
     # The reference feeds one sequence per batch and keeps a token-weighted running mean of each
     # batch's variance over its tokens; batches of several sequences here must give the same.
@@ -184,6 +226,7 @@ def test_hessian_helpers():
     Hd = add_damping(H.clone(), 0.01)
     torch.testing.assert_close(Hd.diagonal() - H.diagonal(), (0.01 * mean_diag).expand(6))
     U = inverse_cholesky_upper(Hd)
+    assert torch.equal(inverse_cholesky_upper(Hd.clone(), overwrite=True), U)  # in place, same
     assert torch.allclose(U, U.triu())
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd), rtol=1e-4, atol=1e-4)
     W2, Hinv, dead2, perm = prepare_hessian(H.clone(), W.clone(), 0.01, act_order=True)
