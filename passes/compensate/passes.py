@@ -14,7 +14,8 @@ the original model (benchmarks), else from reloading the subject's source (``zoo
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import contextlib
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -77,6 +78,11 @@ class EoraParams(CompensateParams):
     # solve the layers of a block in call order, each later layer's inputs computed through the
     # already compensated earlier ones (q/k/v before o_proj, gate/up before down_proj)
     true_sequential: bool = False
+    # the layer inputs the eigenspace is taken from, inside each block: "original" runs the
+    # block's selected layers with their uncompressed weights while statistics are collected (the
+    # public EoRA code's calibration); "compressed" runs them as compressed. Either way the block
+    # inputs come from the already compensated blocks before it.
+    within_block: Literal["original", "compressed"] = "original"
 
     @field_validator("batch", "samples")
     @classmethod
@@ -194,6 +200,27 @@ class CompensatePass(ModulePass):
                           per_module=results)
 
 
+def _original_output(W: torch.Tensor):
+    """A forward hook giving a compressed Linear the output of its uncompressed weight ``W``,
+    so that the layers after it in the block see the original model's activations. The layer is
+    replaced by its compensated version once solved, which drops the hook."""
+    def hook(module, inputs, output):
+        x = inputs[0]
+        bias = getattr(module, "bias", None)
+        return torch.nn.functional.linear(x, W.to(device=x.device, dtype=x.dtype),
+                                          None if bias is None else bias.to(x.dtype))
+    return hook
+
+
+@contextlib.contextmanager
+def _removing(handles):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @register
 class Eora(CompensatePass):
     method = "eora"
@@ -213,12 +240,14 @@ class Eora(CompensatePass):
         ds = ctx.dataset(p.data)
         calib = ds.calibration if p.samples is None else ds.calibration[:p.samples]
         results: dict[str, Any] = {}
+        handles = ([m.register_forward_hook(_original_output(W[path]))
+                    for path, m in modules.items()] if p.within_block == "original" else [])
 
         def transform(mods, stats):
             return {path: self.compensate(path, mod, W.pop(path), stats[path].gram, results)
                     for path, mod in mods.items()}
 
-        with torch.no_grad():
+        with torch.no_grad(), _removing(handles):
             calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
                                  batch_size=p.batch, true_sequential=p.true_sequential,
                                  label=f"EoRA rank {p.rank}"

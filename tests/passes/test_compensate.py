@@ -189,6 +189,36 @@ def test_eora_beats_svd_on_the_layer_output_error(base_dir):
     assert errs["eora"] < errs["svd("]
 
 
+@pytest.mark.parametrize("within", ["original", "compressed"])
+def test_eigenspace_inputs_inside_a_block(base_dir, monkeypatch, within):
+    # Block 0's down_proj follows gate/up in the same block. "original" (the default, the public
+    # EoRA code's calibration) takes its eigenspace from the inputs the uncompressed gate/up
+    # give; "compressed" from the int2 ones.
+    from surgery.data import corpus
+    from surgery.passes.compensate import passes as comp
+
+    grams = {}
+    real = comp.eora_factors
+    monkeypatch.setattr(comp, "eora_factors", lambda dW, G, r: (
+        grams.setdefault(len(grams), G.clone()), real(dW, G, r))[1])
+    run(base_dir, f"quantize {MLP} to int2 using rtn(group=32)\n"
+                  f"compensate {MLP} using eora(rank=4, data=calib, within_block={within!r})\n"
+                  .replace("'", '"'))
+    down = grams[2]  # gate, up, down of block 0, in call order
+    lm = load_model(f"hf:{base_dir}")
+    ids = corpus(lm.tokenizer, "pydoc", samples=8, seqlen=64).calibration
+    seen = []
+    layer = lm.model.get_submodule("model.layers.0.mlp.down_proj")
+    h = layer.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, 128)))
+    with torch.no_grad():
+        lm.model(input_ids=ids)
+    h.remove()
+    x = torch.cat(seen).double()
+    original = x.T @ x
+    close = torch.allclose(down, original, rtol=1e-4, atol=1e-3 * float(original.abs().max()))
+    assert close == (within == "original")
+
+
 def test_svd_on_a_pruned_layer_is_a_lora_adapter_peft_reproduces(base_dir, tmp_path):
     from peft import PeftModel
 
