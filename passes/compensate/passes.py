@@ -78,11 +78,12 @@ class EoraParams(CompensateParams):
     # solve the layers of a block in call order, each later layer's inputs computed through the
     # already compensated earlier ones (q/k/v before o_proj, gate/up before down_proj)
     true_sequential: bool = False
-    # the layer inputs the eigenspace is taken from, inside each block: "original" runs the
-    # block's selected layers with their uncompressed weights while statistics are collected (the
-    # public EoRA code's calibration); "compressed" runs them as compressed. Either way the block
-    # inputs come from the already compensated blocks before it.
-    within_block: Literal["original", "compressed"] = "original"
+    # the layer inputs the eigenspace is taken from, inside each block: "compressed" runs the
+    # block's selected layers as compressed while statistics are collected, as the model will
+    # run; "original" with their uncompressed weights (the public EoRA code's calibration; it
+    # recovered less on SmolLM2 2:4, docs/benchmarks.md). Either way the block inputs come from
+    # the already compensated blocks before it.
+    within_block: Literal["compressed", "original"] = "compressed"
 
     @field_validator("batch", "samples")
     @classmethod
