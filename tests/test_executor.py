@@ -106,7 +106,18 @@ def test_dtype_flag_overrides_the_output_dtype(ckpt, tmp_path):
     assert w["model.embed_tokens.weight"].dtype == torch.float32
 
 
-def test_linear_merge_streamed_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("row_blocks", [False, True])
+def test_linear_merge_streamed_is_bit_identical(tmp_path, monkeypatch, row_blocks):
+    if row_blocks:  # every 2-D tensor merged a few rows at a time, read in slices
+        from surgery.executor import run as run_mod
+
+        monkeypatch.setattr(run_mod, "MERGE_BLOCK_BYTES", 4 * 64 * 3)
+    from surgery.executor.checkpoint import Checkpoint
+
+    slices = []
+    real = Checkpoint.read_rows
+    monkeypatch.setattr(Checkpoint, "read_rows",
+                        lambda self, *a: (slices.append(a), real(self, *a))[1])
     a = _bf16_checkpoint(tmp_path / "a", seed=0, tied=False)
     b = _bf16_checkpoint(tmp_path / "b", seed=1, tied=False)
     s = _script(tmp_path, f"""
@@ -126,6 +137,7 @@ def test_linear_merge_streamed_is_bit_identical(tmp_path):
         src.update(load_file(str(f)))
     assert not torch.equal(streamed["lm_head.weight"], src["lm_head.weight"])
     assert streamed["lm_head.weight"].dtype == torch.bfloat16
+    assert bool(slices) == row_blocks
 
 
 def test_gptq_streamed_gives_identical_codes(ckpt, tmp_path):

@@ -100,6 +100,9 @@ class TensorMerger:
     tensors for one name; global-scope methods implement `combine((N, d)) -> (d,)` instead."""
 
     scope: str = "per_tensor"
+    # each output element depends only on the same element of the inputs: a streamed run may
+    # merge a large tensor a block of rows at a time (executor/run.py)
+    elementwise: bool = False
 
     def __init__(self, params: MergeParams, seed: int = 0):
         self.p = params

@@ -13,9 +13,19 @@ from .common import MergePass, TensorMerger, WeightedParams
 
 def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float],
                  normalize: bool = True) -> torch.Tensor:
-    acc = sum(w * t.float() for w, t in zip(weights, tensors))
+    """sum_i w_i t_i (/ sum_i w_i), in float32: each product rounded, then added in order (the
+    arithmetic of ``sum(w * t.float() ...)``, bit for bit), with one accumulator and one product
+    alive instead of a new tensor per operation."""
+    acc = None
+    for w, t in zip(weights, tensors):
+        term = t.float().mul(w) if t.dtype == torch.float32 else t.float().mul_(w)
+        if acc is None:
+            acc = term
+        else:
+            acc.add_(term)
+            del term
     if normalize:
-        acc = acc / sum(weights)
+        acc.div_(sum(weights))
     return acc.to(tensors[0].dtype)
 
 
@@ -28,6 +38,7 @@ class LinearParams(WeightedParams):
 
 
 class _Linear(TensorMerger):
+    elementwise = True
     def merge(self, name, base, tensors, kind):
         return linear_merge(tensors, self.p.weight_list(len(tensors)), self.p.normalize)
 

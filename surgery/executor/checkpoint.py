@@ -117,6 +117,13 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """One tensor in its stored dtype. The mapping is dropped afterwards, so pages of tensors
         already processed do not stay resident."""
+        return self._read(name, lambda h: h.get_tensor(name))
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (its first dimension), read without the rest."""
+        return self._read(name, lambda h: h.get_slice(name)[start:stop])
+
+    def _read(self, name: str, get) -> torch.Tensor:
         from safetensors import safe_open
 
         e = self.entries[name]
@@ -132,7 +139,7 @@ class Checkpoint:
                              "no output was written")
         try:
             with safe_open(str(e.file), framework="pt") as h:
-                return h.get_tensor(name)
+                return get(h)
         except Exception as exc:  # noqa: BLE001 - any corruption is the input's problem
             raise error("E0603", f"cannot read `{name}` from `{e.file.name}`: {str(exc)[:200]}",
                         help="the checkpoint is corrupt")

@@ -168,7 +168,10 @@ def estimate(model: nn.Module, units, rows, data: dict, *, device: str = "cpu",
                          if _inside(p, u)]
         widest = max((sum(t.numel() for t in m.parameters()) for m in heavy_targets), default=0)
         cost += TRANSIENT * widest
-        cost += 2 * 4 * biggest if merges else 0  # the merged models' tensors, upcast
+        # the merged models' tensors, upcast; an elementwise method (linear) merges large
+        # tensors a block of rows at a time (executor/run.py), so only the output is whole
+        whole = [r for r in merges if not r.step.pass_cls.merger_cls.elementwise]
+        cost += 2 * 4 * biggest if whole else 0
         if in_calib:
             mods = [m for m in model.get_submodule(u.paths[0]).modules()
                     if isinstance(m, nn.Linear)]

@@ -63,6 +63,20 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+MERGE_BLOCK_BYTES = 64 << 20  # float32 bytes of one block of rows merged at a time
+
+
+def _merge_rows(shape: tuple) -> int | None:
+    """Rows per block for merging a tensor of ``shape`` in slices; None when it is small enough
+    to merge whole (or has no rows to split)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if len(shape) < 2 or 4 * numel <= MERGE_BLOCK_BYTES:
+        return None
+    return max(1, MERGE_BLOCK_BYTES // (4 * (numel // shape[0])))
+
+
 def _inside(path: str, unit: Unit) -> bool:
     return any(path == p or path.startswith(p + ".") or not p for p in unit.paths)
 
@@ -376,13 +390,11 @@ class StreamRunner:
         """A parameter-space merge on one unit: each tensor merged from the models'
         checkpoints, as the in-memory merge does on their state dicts."""
         from surgery.passes.merge.common import tensor_kinds
-        from surgery.passes.merge.taskvec import is_mergeable
 
         p = row.step.params
         merger = row.step.pass_cls.merger_cls(p, seed=self.seed)
         base = self.merge_cks.get(p.base) if p.base else None
         cks = [self.merge_cks[n] for n in p.models]
-        ref = base or cks[0]
         if not hasattr(self, "_kinds"):
             self._kinds = tensor_kinds(self.model)
         n_merged = 0
@@ -398,16 +410,9 @@ class StreamRunner:
                         new = seen[id(cur)]
                     else:
                         full = f"{mpath}.{name}" if mpath else name
-                        key = self.res.key(full)
-                        read = lambda ck: self.res._convert(ck.read(key))  # noqa: E731
-                        b = read(ref)
-                        if is_mergeable(full, b, p.exclude):
-                            t = merger.merge(full, b if base is not None else None,
-                                             [read(c) for c in cks],
-                                             self._kinds.get(full, "other"))
-                            n_merged += t.numel()
-                        else:
-                            t = b
+                        t, merged = self._merged(merger, full, self.res.key(full), base, cks,
+                                                 p.exclude)
+                        n_merged += merged
                         new = nn.Parameter(t, requires_grad=False) \
                             if name in mod._parameters else t
                         seen[id(cur)] = new
@@ -418,6 +423,40 @@ class StreamRunner:
         return StepReport(modules=len(cks), parameters=n_merged,
                           metrics={"models": list(p.models), "base": p.base,
                                    "method": row.step.method})
+
+    def _merged(self, merger, full: str, key: str, base, cks, exclude) -> tuple[torch.Tensor, int]:
+        """One tensor of a merge, in the compute dtype, and how many elements were merged. A
+        large tensor of an elementwise method is merged a block of rows at a time, read in
+        slices: the models' full-size copies never exist together (an 8B embedding is 2.1 GB
+        in fp32 per model)."""
+        from surgery.passes.merge.taskvec import is_mergeable
+
+        ref = base or cks[0]
+        kind = self._kinds.get(full, "other")
+        dtype = ref.torch_dtype(key)
+        shape = ref.entries[key].shape
+        rows = _merge_rows(shape)
+        if merger.elementwise and rows and is_mergeable(full, torch.empty(0, dtype=dtype),
+                                                          exclude):
+            out = None
+            for a in range(0, shape[0], rows):
+                read = lambda ck: self.res._convert(  # noqa: E731
+                    ck.read_rows(key, a, a + rows))  # noqa: B023 - used in this iteration
+                b = read(base) if base is not None else None
+                part = merger.merge(full, b, [read(c) for c in cks], kind)
+                if out is None:
+                    out = torch.empty(shape, dtype=part.dtype, device=part.device)
+                out[a:a + rows] = part
+                del part, b
+            return out, out.numel()
+        read = lambda ck: self.res._convert(ck.read(key))  # noqa: E731
+        b = read(ref)
+        if not is_mergeable(full, b, exclude):
+            return b, 0
+        # without a base the reference is the first model: read it once
+        ts = [b if c is ref else read(c) for c in cks]
+        t = merger.merge(full, b if base is not None else None, ts, kind)
+        return t, t.numel()
 
     def _guard(self, row: PlanRow, fn):
         try:
