@@ -156,6 +156,33 @@ def test_gptq_streamed_gives_identical_codes(ckpt, tmp_path):
     assert rep_m["per_module"] == rep_s["per_module"]  # same GPTQ losses, layer by layer
 
 
+def test_a_calibrated_block_leaves_no_weights_behind(ckpt, tmp_path, monkeypatch):
+    # A replaced Linear is still held by the pass's target dict; offloading its block must free
+    # the weights it was onloaded with, or every GPTQ block leaks one block of fp32 weights.
+    import gc
+
+    from surgery.executor import residency
+
+    alive = []
+    real = residency.Resident.offload
+
+    def offload(self, unit):
+        real(self, unit)
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
+                         and not o.is_meta and o.dtype == torch.float32 and o.dim() == 2
+                         and o.shape[0] * o.shape[1] >= 64 * 64))
+
+    monkeypatch.setattr(residency.Resident, "offload", offload)
+    s = _script(tmp_path, f"""
+        model base = "hf:{ckpt}"
+        data calib = corpus("pydoc", samples=2, seqlen=16)
+        quantize modules("model.layers.*.*.*_proj") to int4 using gptq(data=calib, group=32)
+    """)
+    assert _apply(s, tmp_path / "out", "--stream", "on") == 0
+    assert len(alive) >= 3 and alive[1:] == [0] * (len(alive) - 1)
+
+
 def test_budget_below_one_block_is_a_plan_time_error(ckpt, tmp_path, capsys):
     s = _script(tmp_path, RTN.format(ckpt=ckpt))
     assert _apply(s, tmp_path / "out", "--stream", "on", "--max-memory", "1MB") == 2
