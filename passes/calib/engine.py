@@ -201,6 +201,23 @@ class _StatsHooks:
             h.remove()
 
 
+def _release(old: nn.Module, keep: nn.Module) -> None:
+    """Return ``old``'s parameters and buffers to meta, except the tensors ``keep`` still uses
+    (a bias carried over, a base layer wrapped by the new module)."""
+    used = {id(t) for t in list(keep.parameters()) + list(keep.buffers())}
+    kept = {id(m) for m in keep.modules()}
+    for mod in old.modules():
+        if id(mod) in kept:
+            continue
+        for name, t in list(mod._parameters.items()):
+            if t is not None and id(t) not in used and t.device.type != "meta":
+                mod._parameters[name] = nn.Parameter(torch.empty_like(t, device="meta"),
+                                                     requires_grad=False)
+        for name, t in list(mod._buffers.items()):
+            if t is not None and id(t) not in used and t.device.type != "meta":
+                mod._buffers[name] = torch.empty_like(t, device="meta")
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 
@@ -409,7 +426,7 @@ class _Engine:
                 continue
             replaced = self.transform(mods, hooks.stats) or {}
             for p, new in replaced.items():
-                replace_module(self.model, p, new)
+                self._replace(p, new)
 
     def _stage_inputs(self, forward: Callable[[int], Any], paths: list[str],
                       stop_at: nn.Module | None) -> None:
@@ -432,7 +449,17 @@ class _Engine:
         _first_batch(forward, handles)
         replaced = self.transform(mods, captured) or {}
         for p, new in replaced.items():
-            replace_module(self.model, p, new)
+            self._replace(p, new)
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        """Put ``new`` in the model at ``path``. In a streamed run the old module's onloaded
+        tensors go back to meta: the pass's target dict still holds the old module, and
+        offloading the block only reaches the modules in the model, so each calibrated block
+        would otherwise keep its fp32 weights to the end (0.87 GB a block at 8B)."""
+        old = self.model.get_submodule(path)
+        replace_module(self.model, path, new)
+        if RESIDENCY.get() is not None and old is not new:
+            _release(old, keep=new)
 
     # -- distributed (surgery.distributed) ------------------------------------------------------
 
@@ -468,7 +495,7 @@ class _Engine:
                 distributed.injected_failure(g)
                 replaced = self.transform(mine, {p: stats[p] for p in mine}) or {}
                 for p, new in replaced.items():
-                    replace_module(self.model, p, new)
+                    self._replace(p, new)
             except PassError as e:
                 failure = ("pass", e.message, e.module, e.hint)
             except Exception as e:  # a crash: this rank re-raises it, the others report it

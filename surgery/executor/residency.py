@@ -11,7 +11,6 @@ compute device and dtype; offloading hands back the unit's state dict and return
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -122,10 +121,6 @@ class Resident:
     dtype: torch.dtype = torch.float32
     # checkpoint name for each state-dict name whose tensor is stored under another name (tied)
     aliases: dict[str, str] = field(default_factory=dict)
-    # the modules each resident unit's tensors were loaded into (weakly): a step may replace one
-    # (a Linear by its QuantLinear) while someone still holds the old module (a pass's target
-    # dict), and offload must free its tensors too, or every calibrated block leaks its weights
-    filled: dict[tuple[str, ...], list[weakref.ref]] = field(default_factory=dict)
 
     def __post_init__(self):
         groups: dict[int, list[str]] = {}
@@ -159,12 +154,9 @@ class Resident:
         """Read ``unit`` from the checkpoint; in the compute dtype, or with ``stored`` in the
         dtype it is stored in (for a unit only read, never transformed)."""
         done: dict[int, torch.Tensor] = {}  # old meta tensor -> its onloaded replacement (ties)
-        filled = self.filled.setdefault(tuple(unit.paths), [])
         for path in unit.paths:
             root = self.model.get_submodule(path) if path else self.model
             for mpath, mod in root.named_modules(prefix=path):
-                if _direct_state(mod):
-                    filled.append(weakref.ref(mod))
                 for name in _direct_state(mod):
                     cur = getattr(mod, name)
                     if id(cur) in done:
@@ -195,10 +187,9 @@ class Resident:
     def offload(self, unit: Unit) -> None:
         """Return the unit to meta (its tensors are freed once no one else holds them)."""
         done: dict[int, torch.Tensor] = {}
-        loaded = [m for m in (r() for r in self.filled.pop(tuple(unit.paths), [])) if m is not None]
         for path in unit.paths:
             root = self.model.get_submodule(path) if path else self.model
-            for mod in list(root.modules()) + loaded:  # replaced modules too
+            for mod in root.modules():
                 for name in _direct_state(mod):
                     cur = getattr(mod, name)
                     if cur.device.type == "meta":
