@@ -201,23 +201,6 @@ class _StatsHooks:
             h.remove()
 
 
-def _release(old: nn.Module, keep: nn.Module) -> None:
-    """Return ``old``'s parameters and buffers to meta, except the tensors ``keep`` still uses
-    (a bias carried over, a base layer wrapped by the new module)."""
-    used = {id(t) for t in list(keep.parameters()) + list(keep.buffers())}
-    kept = {id(m) for m in keep.modules()}
-    for mod in old.modules():
-        if id(mod) in kept:
-            continue
-        for name, t in list(mod._parameters.items()):
-            if t is not None and id(t) not in used and t.device.type != "meta":
-                mod._parameters[name] = nn.Parameter(torch.empty_like(t, device="meta"),
-                                                     requires_grad=False)
-        for name, t in list(mod._buffers.items()):
-            if t is not None and id(t) not in used and t.device.type != "meta":
-                mod._buffers[name] = torch.empty_like(t, device="meta")
-
-
 # ---------------------------------------------------------------------------------------------
 # The engine
 
@@ -456,10 +439,12 @@ class _Engine:
         tensors go back to meta: the pass's target dict still holds the old module, and
         offloading the block only reaches the modules in the model, so each calibrated block
         would otherwise keep its fp32 weights to the end (0.87 GB a block at 8B)."""
+        from surgery.executor.residency import release
+
         old = self.model.get_submodule(path)
         replace_module(self.model, path, new)
         if RESIDENCY.get() is not None and old is not new:
-            _release(old, keep=new)
+            release(old, keep=new)
 
     # -- distributed (surgery.distributed) ------------------------------------------------------
 

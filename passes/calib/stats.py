@@ -161,12 +161,11 @@ def float32_in_place(t: torch.Tensor) -> torch.Tensor:
     step = max(1, GRAM_BLOCK_BYTES // 8)
     for a in range(0, flat.numel(), step):
         out[a:a + step] = flat[a:a + step].to(torch.float32)  # reads the block before writing
-    _release(t.data_ptr() + 4 * flat.numel(), 4 * flat.numel())
+    _madvise_free(t.data_ptr() + 4 * flat.numel(), 4 * flat.numel())
     return out.view(t.shape)
 
 
-
-def _release(address: int, size: int) -> None:
+def _madvise_free(address: int, size: int) -> None:
     """Return the whole pages inside [address, address + size) to the OS (Linux madvise
     MADV_DONTNEED: they read back as zeros if touched; nothing reads them before the buffer is
     freed). The last page is kept: an allocator may keep bookkeeping right after a buffer."""

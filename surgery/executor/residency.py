@@ -75,6 +75,27 @@ def _put(mod: nn.Module, name: str, t: torch.Tensor) -> None:
         mod._buffers[name] = t
 
 
+def _meta_like(mod: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, requires_grad=False) if name in mod._parameters else meta
+
+
+def release(module: nn.Module, keep: nn.Module) -> None:
+    """Return the tensors of ``module`` (a module a step has just replaced by ``keep``) to meta,
+    except those ``keep`` still uses (a bias carried over, a base layer it wraps). Whoever still
+    holds the old module (a pass's target dict) then holds no weights: offloading a unit only
+    reaches the modules in the model."""
+    used = {id(t) for t in list(keep.parameters()) + list(keep.buffers())}
+    kept = {id(m) for m in keep.modules()}
+    for mod in module.modules():
+        if id(mod) in kept:
+            continue
+        for name in _direct_state(mod):
+            t = getattr(mod, name)
+            if t.device.type != "meta" and id(t) not in used:
+                _put(mod, name, _meta_like(mod, name, t))
+
+
 @dataclass
 class Unit:
     name: str  # the block path, or the first member's path
@@ -195,9 +216,7 @@ class Resident:
                     if cur.device.type == "meta":
                         continue
                     if id(cur) not in done:
-                        meta = torch.empty_like(cur, device="meta")
-                        done[id(cur)] = nn.Parameter(meta, requires_grad=False) \
-                            if name in mod._parameters else meta
+                        done[id(cur)] = _meta_like(mod, name, cur)
                     _put(mod, name, done[id(cur)])
 
     def resident(self, unit: Unit) -> bool:
