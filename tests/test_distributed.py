@@ -68,6 +68,25 @@ def test_deferred_statistics_equal_direct_accumulation_bitwise():
     assert (direct.samples, direct.tokens) == (deferred.samples, deferred.tokens) == (14, 224)
 
 
+def test_deferred_cross_statistics_equal_direct_accumulation_bitwise():
+    """The cross sums X_refᵀX (EoRA's upstream target) fold like the Gram matrix."""
+    torch.manual_seed(0)
+    pairs = [(torch.randn(2, 16, 24) * (10 ** k), torch.randn(2, 16, 24)) for k in range(-2, 3)]
+    direct, deferred = LinearStats(24, cross=True), LinearStats(24, cross=True)
+    for x, ref in pairs:
+        direct.add(x, paired=ref)
+    deferred.defer()
+    for x, ref in pairs:
+        deferred.add(x, paired=ref)
+    deferred.apply_pending()
+    assert len(direct.float_state()) == 5
+    for a, b in zip(direct.float_state(), deferred.float_state()):
+        assert torch.equal(a, b)
+    x = torch.cat([x.reshape(-1, 24) for x, _ in pairs]).double()
+    ref = torch.cat([r.reshape(-1, 24) for _, r in pairs]).double()
+    torch.testing.assert_close(direct.cross, ref.T @ x, rtol=1e-5, atol=1e-3)
+
+
 def test_too_few_batches_for_the_ranks_is_a_located_pass_error(monkeypatch, tiny_llama):
     from surgery.passapi import PassError
     from surgery.passes.calib.engine import _Engine

@@ -141,9 +141,14 @@ class _StatsHooks:
     """
 
     def __init__(self, mods: dict[str, nn.Module], gram: bool, stop_after: str | None,
-                 share: bool = False):
+                 share: bool = False, paired: dict[str, list[torch.Tensor]] | None = None):
+        # paired: this batch's inputs of the same layers in the reference model, a list per layer
+        # in call order (for the cross sums); _calls: this batch's calls of each layer so far
+        self.paired = paired
+        self._calls: dict[str, int] = {}
         self.stats = {p: LinearStats(m.in_features if hasattr(m, "in_features")
-                                     else m.weight.shape[1], gram) for p, m in mods.items()}
+                                     else m.weight.shape[1], gram, cross=paired is not None)
+                      for p, m in mods.items()}
         self.stop_after = stop_after
         self.share = share
         self.first_batch = True
@@ -169,6 +174,7 @@ class _StatsHooks:
         def hook(module, inputs, output):
             inp = inputs[0]
             x = inp.detach()
+            call = self._calls[path] = self._calls.get(path, -1) + 1
             entry = self._entry(inp)
             if self.first_batch:
                 self.order.append((path, entry[3]))
@@ -179,19 +185,34 @@ class _StatsHooks:
                 owner.users += 1
                 self.stats[path] = stats = owner
             if not any(s is stats for s in entry[2]):
+                paired = self._paired(path, call, x)
                 if stats.gram is not None and gram_row_blocks(x.shape[-1]) == x.shape[-1]:
                     if entry[1] is None:
                         flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
                         entry[1] = flat.T @ flat
-                    stats.add(x, gram=entry[1])
+                    stats.add(x, gram=entry[1], paired=paired)
                 else:
-                    stats.add(x)
+                    stats.add(x, paired=paired)
                 entry[2].append(stats)
             if path == self.stop_after:
                 raise _Stop
         return hook
 
+    def _paired(self, path: str, call: int, x: torch.Tensor) -> torch.Tensor | None:
+        if self.paired is None:
+            return None
+        calls = self.paired.get(path, [])
+        ref = calls[call] if call < len(calls) else None
+        if ref is None or ref.shape != x.shape:
+            raise PassError(
+                "the reference model's layer " + ("was called fewer times" if ref is None
+                                                  else f"saw inputs of shape {tuple(ref.shape)}, "
+                                                  f"this one {tuple(x.shape)}"),
+                module=path, hint="the reference must be the same architecture as the model")
+        return ref.to(x.device)
+
     def new_batch(self) -> None:
+        self._calls.clear()
         if self._batch:
             self.first_batch = False
         self._batch.clear()
@@ -209,7 +230,8 @@ class _StatsHooks:
 def calibrate_sequential(model: nn.Module, calibration: torch.Tensor,
                          targets: dict[str, nn.Module], transform: Transform, *, progress,
                          batch_size: int = 8, true_sequential: bool = False, gram: bool = True,
-                         label: str = "calibrate", inputs: bool = False) -> None:
+                         label: str = "calibrate", inputs: bool = False,
+                         reference: nn.Module | None = None) -> None:
     """Run ``transform`` on every target, block by block (see the package docstring).
 
     ``inputs=True`` collects no statistics: ``transform(modules, captured)`` gets, for each
@@ -217,23 +239,35 @@ def calibrate_sequential(model: nn.Module, calibration: torch.Tensor,
     never called is missing; the transform decides). For passes that trace a module on the
     inputs the model gives it (the attention swap). The model keeps its train/eval mode (the
     forward is the one the model would run), and in a distributed run every rank runs every
-    batch (nothing is reduced, so nothing is split)."""
+    batch (nothing is reduced, so nothing is split).
+
+    ``reference``: a model of the same architecture (the uncompressed original) run beside
+    ``model`` on the same batches, block by block with its own block inputs. Each target's
+    statistics then also hold ``cross`` = X_refᵀX, X_ref the inputs of the layer at the same path
+    in the reference: how the original model's activations relate to the transformed one's
+    (EoRA's ``error="accumulated"``). The reference is only read."""
     if not targets:
         return
     was_training = model.training
+    ref_training = reference is not None and reference.training
     if not inputs:
         model.eval()
+    if reference is not None:
+        reference.eval()
     try:
         _Engine(model, calibration, dict(targets), transform, progress, batch_size,
-                true_sequential, gram, label, inputs).run()
+                true_sequential, gram, label, inputs, reference).run()
     finally:
         model.train(was_training)
+        if reference is not None:
+            reference.train(ref_training)
 
 
 class _Engine:
     def __init__(self, model, calibration, targets, transform, progress, batch_size,
-                 true_sequential, gram, label, inputs=False):
+                 true_sequential, gram, label, inputs=False, reference=None):
         self.model = model
+        self.reference = None if reference is None else _Reference(reference)
         self.batches = [calibration[i:i + batch_size]
                         for i in range(0, calibration.shape[0], batch_size)]
         self.inputs = inputs
@@ -282,14 +316,18 @@ class _Engine:
                                 hint="exclude it from the selector, or use --stream off")
             if residency is not None:  # before any forward: a second sweep is refused here
                 residency.begin()
+            ref = self.reference
             if blocks:
                 inputs, early = self._capture(blocks[0], outside)
+                if ref is not None:
+                    ref.inputs, _ = self._capture(blocks[0], [], ref.model, ref.call)
                 if residency is not None:
                     residency.captured()
                 if early:  # targets before the first block (e.g. an input projection)
                     task.describe(f"{self.label}: before {blocks[0]}")
                     self._stage(lambda i: self.call(self.batches[i]), early,
-                                stop_at=self.model.get_submodule(blocks[0]))
+                                stop_at=self.model.get_submodule(blocks[0]),
+                                ref_forward=ref and ref.whole(self.batches, until=blocks[0]))
                     outside = [t for t in outside if t not in early]
                     spill.release(inputs)
                     inputs, _ = self._capture(blocks[0], [])
@@ -304,7 +342,7 @@ class _Engine:
                     block = self.model.get_submodule(bpath)
                     fwd = (lambda blk: lambda i: _call(blk, inputs[i]))(block)
                     if in_block[bpath]:
-                        self._stage(fwd, in_block[bpath])
+                        self._stage(fwd, in_block[bpath], ref_forward=ref and ref.block(bpath))
                     if bi < last_needed:  # the next block's inputs, from transformed weights
                         block = self.model.get_submodule(bpath)
                         nxt = self._new_inputs()
@@ -312,6 +350,8 @@ class _Engine:
                             nxt.append(inp.with_hidden(first_output(_call(block, inp))))
                         spill.release(inputs)
                         inputs = nxt
+                        if ref is not None:
+                            ref.advance(bpath)
                     if residency is not None:
                         residency.leave(bpath)
                     task.advance()
@@ -319,12 +359,16 @@ class _Engine:
                 del inputs
             if outside:  # the rest (lm_head, or a model without repeated blocks): full forwards
                 task.describe(f"{self.label}: remaining layers")
-                self._stage(lambda i: self.call(self.batches[i]), outside)
+                self._stage(lambda i: self.call(self.batches[i]), outside,
+                            ref_forward=ref and ref.whole(self.batches))
                 task.advance()
 
-    def _capture(self, block_path: str, outside: list[str]):
-        """Inputs of the first block for every batch, and the outside targets that ran before it."""
-        block = self.model.get_submodule(block_path)
+    def _capture(self, block_path: str, outside: list[str], model: nn.Module | None = None,
+                 call: Callable[[torch.Tensor], Any] | None = None):
+        """Inputs of the first block for every batch, and the outside targets that ran before it
+        (of ``model``, the subject by default)."""
+        model, call = model or self.model, call or self.call
+        block = model.get_submodule(block_path)
         captured = self._new_inputs()  # spilled as captured, when spilling
         fired: list[str] = []
 
@@ -338,13 +382,13 @@ class _Engine:
 
         handles = [block.register_forward_pre_hook(pre, with_kwargs=True)]
         for t in outside:
-            m = self.model.get_submodule(t)
+            m = model.get_submodule(t)
             handles.append(m.register_forward_pre_hook(
                 (lambda p: lambda mod, a: fired.append(p) if p not in fired else None)(t)))
         try:
             for b in self.batches:
                 try:
-                    self.call(b)
+                    call(b)
                 except _Stop:
                     pass
         finally:
@@ -356,8 +400,11 @@ class _Engine:
         return captured, fired
 
     def _stage(self, forward: Callable[[int], Any], paths: list[str],
-               stop_at: nn.Module | None = None) -> None:
-        """Collect statistics for ``paths`` through ``forward`` and transform them (by groups)."""
+               stop_at: nn.Module | None = None,
+               ref_forward: Callable[[int], Any] | None = None) -> None:
+        """Collect statistics for ``paths`` through ``forward`` and transform them (by groups).
+        ``ref_forward(i)`` runs the reference on batch ``i`` first, recording the inputs of the
+        same layers there (the cross statistics)."""
         if self.inputs:
             self._stage_inputs(forward, paths, stop_at)
             return
@@ -374,8 +421,10 @@ class _Engine:
             mods = {p: self.model.get_submodule(p) for p in group}
             # (no shared statistics in distributed runs: their per-layer reduction would add a
             # shared sum twice)
+            paired = None if ref_forward is None else {}
             hooks = _StatsHooks(mods, self.gram, _stop_after(order, mods) if order else None,
-                                share=self.group is None)
+                                share=self.group is None, paired=paired)
+            recording = [] if ref_forward is None else self.reference.record(group, paired)
             if self.group is not None:
                 for st in hooks.stats.values():
                     st.defer()
@@ -385,6 +434,9 @@ class _Engine:
             try:
                 for i in range(len(self.batches)):
                     hooks.new_batch()
+                    if ref_forward is not None:
+                        paired.clear()
+                        ref_forward(i)
                     try:
                         forward(i)
                     except _Stop:
@@ -394,6 +446,10 @@ class _Engine:
             finally:
                 hooks.new_batch()
                 hooks.remove()
+                for h in recording:
+                    h.remove()
+                if paired:
+                    paired.clear()
                 if stop_handle is not None:
                     stop_handle.remove()
             owners = None
@@ -466,8 +522,8 @@ class _Engine:
             state = st.float_state()
             distributed.fold(state, st.apply_pending, g)
             distributed.move(state, last, owners[path], g)
-            if g.rank != owners[path] and st.gram is not None:
-                st.gram = None  # partial sums, not needed here: free them early
+            if g.rank != owners[path]:
+                st.gram = st.cross = None  # partial sums, not needed here: free them early
 
     def _solve_distributed(self, mods, stats, owners) -> None:
         """Each rank transforms its own layers; each finished module (or the error that stopped
@@ -513,6 +569,46 @@ class _Engine:
         rec = _Recorder(mods)
         _first_batch(forward, [m.register_forward_pre_hook(rec.hook) for m in mods])
         return rec.order
+
+
+class _Reference:
+    """The reference model run beside the subject (``calibrate_sequential(reference=...)``):
+    its own block inputs, propagated through its own (unchanged) blocks."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.call = _model_call(model)
+        self.inputs: list[_BlockInput] = []
+
+    def block(self, path: str) -> Callable[[int], Any]:
+        block = self.model.get_submodule(path)
+        return lambda i: _call(block, self.inputs[i])
+
+    def whole(self, batches: list[torch.Tensor], until: str | None = None
+              ) -> Callable[[int], Any]:
+        """Full forwards, stopped before block ``until`` when given."""
+        def forward(i):
+            handles = [] if until is None else [
+                self.model.get_submodule(until).register_forward_pre_hook(_raise_stop)]
+            try:
+                self.call(batches[i])
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+        return forward
+
+    def advance(self, path: str) -> None:
+        """The next block's inputs: this block's outputs in the reference."""
+        block = self.model.get_submodule(path)
+        self.inputs = [inp.with_hidden(first_output(_call(block, inp))) for inp in self.inputs]
+
+    def record(self, paths: list[str], into: dict[str, list[torch.Tensor]]) -> list:
+        """Hooks appending each layer's input, call by call, to ``into[path]``."""
+        def make(path):
+            return lambda module, args: into.setdefault(path, []).append(args[0].detach())
+        return [self.model.get_submodule(p).register_forward_pre_hook(make(p)) for p in paths]
 
 
 def _call(block: nn.Module, inp: _BlockInput):

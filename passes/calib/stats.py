@@ -24,10 +24,11 @@ class LinearStats:
     GPTQ/SparseGPT reference counts them); ``sum``: per-column sum (float64); ``sq_sum``: per-
     column sum of squares (float64); ``seq_var_sum``: per-column sum over sequences of
     (tokens in the sequence x the variance within it) (float64); ``gram``: XᵀX (float64, only
-    when collected).
+    when collected); ``cross``: X_refᵀX (float64, only with ``cross=True``), X_ref the inputs of
+    the same layer in a reference model fed the same tokens (passes/calib/engine.py).
     """
 
-    def __init__(self, in_features: int, gram: bool = True, device=None):
+    def __init__(self, in_features: int, gram: bool = True, device=None, cross: bool = False):
         self.in_features = in_features
         self.tokens = 0
         self.samples = 0
@@ -36,16 +37,22 @@ class LinearStats:
         self.seq_var_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.gram = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
                      if gram else None)
+        self.cross = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+                      if cross else None)
         self.pending: list[dict] | None = None  # per-batch contributions, while deferred
         self.users = 1  # layers sharing these statistics (same input); see take_hessian
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
-        """Add one batch of inputs (..., in_features); ``gram`` = its XᵀX if already computed.
+    def add(self, x: torch.Tensor, gram: torch.Tensor | None = None,
+            paired: torch.Tensor | None = None) -> None:
+        """Add one batch of inputs (..., in_features); ``gram`` = its XᵀX if already computed;
+        ``paired`` = the reference model's inputs for the same tokens (needed with ``cross``).
 
         With ``defer()`` on, the batch's contribution is kept apart (for a distributed fold,
         surgery.distributed) and added later by ``apply_pending`` in the same order."""
         d = self._delta(x, gram)
+        if self.cross is not None:
+            d["cross"] = self._cross_delta(x, paired)
         if self.pending is not None:
             self.pending.append(d)
         else:
@@ -69,7 +76,28 @@ class LinearStats:
             d["sq"] = (x * x).sum(0, dtype=torch.float64)
         return d
 
+    def _cross_delta(self, x: torch.Tensor, paired: torch.Tensor | None):
+        """This batch's X_refᵀX (float32, summed in float64 by _apply), or the two inputs when
+        it is added in row blocks."""
+        if paired is None or paired.shape != x.shape:
+            raise ValueError(f"the reference inputs have shape "
+                             f"{None if paired is None else tuple(paired.shape)}, "
+                             f"the layer's {tuple(x.shape)}")
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        ref = paired.reshape(-1, paired.shape[-1]).to(torch.float32)
+        if gram_row_blocks(x.shape[1]) == x.shape[1] or self.pending is not None:
+            return ref.T @ x
+        return (ref, x)
+
     def _apply(self, d: dict) -> None:
+        cross = d.get("cross")
+        if isinstance(cross, tuple):
+            ref, x = cross
+            rows = gram_row_blocks(x.shape[1])
+            for i in range(0, x.shape[1], rows):
+                self.cross[i:i + rows] += ref[:, i:i + rows].T @ x
+        elif cross is not None:
+            self.cross += cross
         self.samples += d["samples"]
         self.seq_var_sum += d["seq_var"]
         self.tokens += d["tokens"]
@@ -105,8 +133,8 @@ class LinearStats:
 
     def float_state(self) -> list[torch.Tensor]:
         """The float tensors a fold carries from rank to rank."""
-        return [self.sum, self.sq_sum, self.seq_var_sum] + (
-            [self.gram] if self.gram is not None else [])
+        return [self.sum, self.sq_sum, self.seq_var_sum] + [
+            t for t in (self.gram, self.cross) if t is not None]
 
     # --- derived quantities -------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ from surgery.passapi import (DataRef, Granularity, ModulePass, PassError, PassPa
                              PassResult, RunContext, ShapeProblem, State, StepReport,
                              carried_states, register_state, replace_module)
 from surgery.passes.compensate.layer import CompensatedLinear
-from surgery.passes.compensate.lowrank import eora_factors, output_error, svd_factors
+from surgery.passes.compensate.lowrank import (eora_accumulated_factors, eora_factors,
+                                               output_error, svd_factors)
 from surgery.passes.quantize.qlinear import QuantLinear
 from surgery.registry import register
 from surgery.selectors import glob_match
@@ -84,6 +85,26 @@ class EoraParams(CompensateParams):
     # recovered less on SmolLM2 2:4, docs/benchmarks.md). Either way the block inputs come from
     # the already compensated blocks before it.
     within_block: Literal["compressed", "original"] = "compressed"
+    # the share of the error arriving from earlier compressed layers that the path cancels too:
+    # 0 = only the layer's own error (W - W_c) X (the EoRA paper); 1 = the whole gap to the
+    # original model's output of the layer, W X_o (runs the original model beside the subject)
+    upstream: float = 0.0
+    # upstream > 0 only: ridge μ = damping · mean(diag XᵀX) (docs/passes/eora.md)
+    damping: float = 0.01
+
+    @field_validator("damping")
+    @classmethod
+    def _non_negative(cls, v):
+        if not v >= 0:
+            raise ValueError("damping must be >= 0")
+        return float(v)
+
+    @field_validator("upstream")
+    @classmethod
+    def _share(cls, v):
+        if not 0 <= v <= 1:
+            raise ValueError("upstream must be between 0 and 1 (a share of the upstream error)")
+        return float(v)
 
     @field_validator("batch", "samples")
     @classmethod
@@ -138,13 +159,16 @@ class CompensatePass(ModulePass):
                    for p, m in modules.items())
 
     def estimate_memory(self, modules: dict[str, nn.Module]) -> int:
-        # float64: the weight error, its SVD, and (eora) the Gram matrix and its eigenvectors
-        return max((8 * (3 * m.in_features * m.out_features + 2 * m.in_features ** 2)
+        # float64: the weight error, its SVD, and (eora) the Gram matrix and its eigenvectors,
+        # plus the cross-Gram matrix when the upstream error is cancelled too
+        squares = 3 if getattr(self.params, "upstream", 0) > 0 else 2
+        return max((8 * (3 * m.in_features * m.out_features + squares * m.in_features ** 2)
                     for m in modules.values()), default=0)
 
     # -- shared run-time pieces ------------------------------------------------------------------
 
-    def reference_weights(self, ctx: RunContext, paths: list[str]) -> dict[str, torch.Tensor]:
+    def reference_model(self, ctx: RunContext) -> nn.Module:
+        """The uncompressed model: the caller's, or the subject's source reloaded."""
         ref = ctx.extras.get(REFERENCE)
         if ref is None:
             source = next(iter(ctx.model_sources.values()), None)
@@ -156,6 +180,9 @@ class CompensatePass(ModulePass):
 
             with ctx.progress.task(f"reloading {source} (uncompressed weights)"):
                 ref = load_model(source).model
+        return ref
+
+    def reference_weights(self, ref: nn.Module, paths: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for path in paths:
             try:
@@ -167,18 +194,28 @@ class CompensatePass(ModulePass):
         return out
 
     def compensate(self, path: str, module: nn.Module, W: torch.Tensor,
-                   gram: torch.Tensor | None, results: dict[str, Any]) -> CompensatedLinear:
+                   gram: torch.Tensor | None, results: dict[str, Any],
+                   cross: torch.Tensor | None = None) -> CompensatedLinear:
+        """The compensated layer; with ``cross`` (X_o X_cᵀ) the target includes the upstream
+        error (``upstream``)."""
         Wc = compressed_weight(module).to(torch.float64).cpu()
         if W.shape != Wc.shape:
             raise PassError(f"the uncompressed weight is {tuple(W.shape)}, the compressed one "
                             f"{tuple(Wc.shape)}", module=path)
         dW = W - Wc
         rank = self.params.rank_for(path)
-        B, A = self.factors(dW, gram, rank)
+        share = None
+        if cross is not None:
+            (B, A), share = eora_accumulated_factors(W, Wc, gram, cross, rank,
+                                                     self.params.upstream, self.params.damping)
+        else:
+            B, A = self.factors(dW, gram, rank)
         row: dict[str, Any] = {"rank": rank, "parameters": rank * (A.shape[1] + B.shape[0]),
                                "weight_error": float(dW.norm()),
                                "weight_error_after": float((dW - B @ A).norm())}
-        if gram is not None:
+        if share is not None:  # the reducible part of ||W X_o - W_c X_c||² (lowrank.py)
+            row["output_error_recovered"] = share
+        elif gram is not None:
             before = output_error(dW, gram)
             after = output_error(dW - B @ A, gram)
             row["output_error_recovered"] = 1.0 - after / before if before > 0 else 0.0
@@ -237,7 +274,9 @@ class Eora(CompensatePass):
         from surgery.passes.calib import calibrate_sequential
 
         p: EoraParams = self.params
-        W = self.reference_weights(ctx, list(modules))
+        ref = self.reference_model(ctx)
+        W = self.reference_weights(ref, list(modules))
+        accumulated = p.upstream > 0
         ds = ctx.dataset(p.data)
         calib = ds.calibration if p.samples is None else ds.calibration[:p.samples]
         results: dict[str, Any] = {}
@@ -245,14 +284,16 @@ class Eora(CompensatePass):
                     for path, m in modules.items()] if p.within_block == "original" else [])
 
         def transform(mods, stats):
-            return {path: self.compensate(path, mod, W.pop(path), stats[path].gram, results)
+            return {path: self.compensate(path, mod, W.pop(path), stats[path].gram, results,
+                                          stats[path].cross)
                     for path, mod in mods.items()}
 
         with torch.no_grad(), _removing(handles):
             calibrate_sequential(ctx.model, calib, modules, transform, progress=ctx.progress,
                                  batch_size=p.batch, true_sequential=p.true_sequential,
                                  label=f"EoRA rank {p.rank}"
-                                 if isinstance(p.rank, int) else "EoRA")
+                                 if isinstance(p.rank, int) else "EoRA",
+                                 reference=ref if accumulated else None)
         extra = {"calibration_samples": int(calib.shape[0]),
                  "calibration_tokens": int(calib.numel())}
         return self.result(ctx, self.report(results, extra))
@@ -269,7 +310,7 @@ class Svd(CompensatePass):
         return svd_factors(dW, rank)
 
     def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
-        W = self.reference_weights(ctx, list(modules))
+        W = self.reference_weights(self.reference_model(ctx), list(modules))
         results: dict[str, Any] = {}
         with torch.no_grad(), ctx.progress.task("SVD compensation", total=len(modules)) as t:
             for path, mod in modules.items():

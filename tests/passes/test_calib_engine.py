@@ -91,6 +91,64 @@ def test_true_sequential_stats_equal_final_model_inputs(kind):
         torch.testing.assert_close(seen[p].sum, ref[p].sum, rtol=1e-5, atol=1e-5)
 
 
+def paired_model(kind):
+    g = torch.Generator().manual_seed(0)
+    if kind == "llama":
+        model = tiny_llama()
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untie
+        return model, torch.randint(0, 256, (8, 16), generator=g), linears(model, exclude=())
+    if kind == "bert":
+        model = tiny_bert()
+        return model, torch.randint(0, 128, (8, 16), generator=g), linears(model)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 4))
+    return model, torch.randn(8, 8, generator=g), linears(model)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "sequential"])
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_cross_statistics_pair_the_reference_inputs_with_the_transformed_ones(kind,
+                                                                             true_sequential):
+    """With ``reference=``, each target's ``cross`` is X_refᵀX: its inputs in the untouched
+    reference (blocks fed the reference's own block outputs) against its inputs in the model
+    being transformed, token by token; ``gram`` is unchanged by the pairing."""
+    import copy
+
+    model, calib, targets = paired_model(kind)
+    reference = copy.deepcopy(model)
+    call = ((lambda m: lambda x: m(input_ids=x)) if kind != "sequential" else (lambda m: m))
+    seen, plain = {}, {}
+    twin = copy.deepcopy(model)
+    calibrate_sequential(twin, calib, linears(twin, exclude=() if kind == "llama" else
+                                              ("lm_head",)),
+                         halve(plain), progress=Progress(), batch_size=4,
+                         true_sequential=true_sequential)
+    calibrate_sequential(model, calib, targets, halve(seen), progress=Progress(), batch_size=4,
+                         true_sequential=true_sequential, reference=reference)
+    assert set(seen) == set(targets)
+    inputs = {}
+    for name, m in (("ref", reference), ("out", model)):
+        hs = [m.get_submodule(p).register_forward_hook(
+            (lambda p, name: lambda mod, i, o: inputs.setdefault((name, p), []).append(
+                i[0].reshape(-1, i[0].shape[-1]).double()))(p, name)) for p in targets]
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], 4):
+                call(m)(calib[i:i + 4])
+        for h in hs:
+            h.remove()
+    for p in targets:
+        assert seen[p].gram is not None and seen[p].cross is not None
+        torch.testing.assert_close(seen[p].gram, plain[p].gram, rtol=0, atol=0)
+        if not true_sequential:  # a block's later layers saw the untransformed earlier ones
+            continue
+        x_ref, x = torch.cat(inputs["ref", p]), torch.cat(inputs["out", p])
+        torch.testing.assert_close(seen[p].cross, x_ref.T @ x, rtol=1e-5, atol=1e-5)
+    assert all(plain[p].cross is None for p in plain)
+    for p in targets:  # the reference is only read; the model was halved
+        assert torch.equal(reference.get_submodule(p).weight, 2 * model.get_submodule(p).weight)
+
+
 def test_blocks_and_groups_of_llama():
     model = tiny_llama(3)
     container, blocks = find_blocks(model, list(linears(model)))
@@ -160,15 +218,17 @@ def test_gram_in_row_blocks_matches_the_whole_product(monkeypatch):
 
     torch.manual_seed(0)
     x = torch.randn(3, 40, 96)
-    whole = LinearStats(96)
-    whole.add(x)
-    whole.add(x[:1])
+    ref = torch.randn(3, 40, 96)  # a reference model's inputs (the cross sums, EoRA upstream)
+    whole = LinearStats(96, cross=True)
+    whole.add(x, paired=ref)
+    whole.add(x[:1], paired=ref[:1])
     monkeypatch.setattr(stats_mod, "GRAM_BLOCK_BYTES", 4 * 96 * 10)  # 10 rows a block
     assert stats_mod.gram_row_blocks(96) == 10
-    blocks = LinearStats(96)
-    blocks.add(x)
-    blocks.add(x[:1])
+    blocks = LinearStats(96, cross=True)
+    blocks.add(x, paired=ref)
+    blocks.add(x[:1], paired=ref[:1])
     torch.testing.assert_close(blocks.gram, whole.gram, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(blocks.cross, whole.cross, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(blocks.sq_sum, whole.sq_sum, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(blocks.sq_sum, blocks.gram.diagonal())
     assert (blocks.tokens, blocks.samples) == (whole.tokens, whole.samples)

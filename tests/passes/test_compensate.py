@@ -12,8 +12,8 @@ from surgery.diagnostics import SurgeryError
 from surgery.models import load_model
 from surgery.passapi import State, carried_states
 from surgery.passes.compensate.layer import CompensatedLinear
-from surgery.passes.compensate.lowrank import (eigen_scaling, eora_factors, output_error,
-                                               svd_factors)
+from surgery.passes.compensate.lowrank import (eigen_scaling, eora_accumulated_factors,
+                                               eora_factors, output_error, svd_factors)
 from surgery.passes.compensate.passes import CompensateParams
 from surgery.passes.prune.sparse_linear import SparseLinear
 from surgery.passes.quantize.qlinear import QuantLinear
@@ -92,6 +92,73 @@ def test_factors_share_the_singular_values_evenly():
     torch.testing.assert_close(Bs.norm(dim=0) ** 2, torch.linalg.svdvals(dW)[:6], rtol=1e-9,
                                atol=0)
     torch.testing.assert_close(As.norm(dim=1), Bs.norm(dim=0), rtol=1e-9, atol=0)
+
+
+def accumulated_problem(seed=0):
+    """W, W_c and the compressed model's inputs X_c next to the original's X_o = X_c + drift."""
+    dW, Xc = problem(seed=seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    W = torch.randn(24, 40, generator=g, dtype=F64)
+    Xo = Xc + 0.3 * torch.randn(40, 64, generator=g, dtype=F64)
+    return W, W - dW, Xo, Xc
+
+
+def test_accumulated_target_with_unchanged_inputs_and_no_ridge_is_plain_eora():
+    W, Wc, _, X = accumulated_problem()
+    G = X @ X.T
+    (B, A), share = eora_accumulated_factors(W, Wc, G, G, 6, 1.0, damping=0.0)
+    B0, A0 = eora_factors(W - Wc, G, 6)
+    torch.testing.assert_close(B @ A, B0 @ A0, rtol=0, atol=1e-9 * float((B0 @ A0).abs().max()))
+    assert share == pytest.approx(1 - output_error(W - Wc - B0 @ A0, G) / output_error(W - Wc, G),
+                                  rel=1e-9)
+
+
+def test_accumulated_target_at_full_rank_is_the_least_squares_fit_of_the_original_output():
+    """No ridge, full rank: the residual W X_o - (W_c + BA) X_c is orthogonal to the inputs X_c
+    (the normal equations), and no other path leaves a smaller one."""
+    W, Wc, Xo, Xc = accumulated_problem()
+    G, C = Xc @ Xc.T, Xo @ Xc.T
+    (B, A), share = eora_accumulated_factors(W, Wc, G, C, 24, 1.0, damping=0.0)
+    residual = W @ Xo - (Wc + B @ A) @ Xc
+    assert float((residual @ Xc.T).abs().max()) < 1e-9 * float((W @ Xo).abs().max()) * 64
+    assert share == pytest.approx(1.0, abs=1e-12)
+    local_B, local_A = eora_factors(W - Wc, G, 24)  # the layer's own error only
+    assert residual.norm() < (W @ Xo - (Wc + local_B @ local_A) @ Xc).norm()
+
+
+def test_a_share_of_the_upstream_error_targets_the_blended_inputs():
+    """upstream = a fits W X_a with X_a = a X_o + (1 - a) X_c: the same path as upstream = 1 on
+    inputs whose original-model side is X_a."""
+    W, Wc, Xo, Xc = accumulated_problem(seed=5)
+    G = Xc @ Xc.T
+    for a in (0.25, 0.5):
+        Xa = a * Xo + (1 - a) * Xc
+        (B, A), _ = eora_accumulated_factors(W, Wc, G, Xo @ Xc.T, 6, a, damping=0.02)
+        (B1, A1), _ = eora_accumulated_factors(W, Wc, G, Xa @ Xc.T, 6, 1.0, damping=0.02)
+        torch.testing.assert_close(B @ A, B1 @ A1, rtol=0,
+                                   atol=1e-9 * float((B1 @ A1).abs().max()))
+
+
+def test_accumulated_target_attains_the_rank_r_optimum_with_a_ridge():
+    """With ridge μ, the objective ||W X_o - (W_c + L) X_c||² + μ||L||² at the rank-r path is
+    below that of random rank-r perturbations of it (a local optimality check) and of the
+    local-error EoRA path."""
+    W, Wc, Xo, Xc = accumulated_problem(seed=3)
+    G, C = Xc @ Xc.T, Xo @ Xc.T
+    mu = 0.05 * float(G.diagonal().mean())
+
+    def objective(L):
+        return float((W @ Xo - (Wc + L) @ Xc).norm() ** 2 + mu * L.norm() ** 2)
+
+    (B, A), _ = eora_accumulated_factors(W, Wc, G, C, 5, 1.0, damping=0.05)
+    best = objective(B @ A)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        dB = 1e-3 * torch.randn(B.shape, generator=g, dtype=F64)
+        dA = 1e-3 * torch.randn(A.shape, generator=g, dtype=F64)
+        assert best <= objective((B + dB) @ (A + dA))
+    B0, A0 = eora_factors(W - Wc, G, 5)
+    assert best < objective(B0 @ A0)
 
 
 # -- rank patterns --------------------------------------------------------------------------------
@@ -217,6 +284,36 @@ def test_eigenspace_inputs_inside_a_block(base_dir, monkeypatch, within):
     original = x.T @ x
     close = torch.allclose(down, original, rtol=1e-4, atol=1e-3 * float(original.abs().max()))
     assert close == (within == "original")
+
+
+def test_accumulated_error_pairs_the_original_models_inputs(base_dir):
+    """upstream=1: block 0's gate/up see the same inputs in both models (nothing before
+    them is compressed), so without a ridge their paths are plain EoRA's; block 1's layers sit
+    behind compressed ones and get a different path."""
+    paths = {}
+    for error, upstream in (("layer", 0), ("accumulated", 1)):
+        res = run(base_dir, f"quantize {MLP} to int2 using rtn(group=32)\n"
+                            f"compensate {MLP} using eora(rank=4, data=calib, "
+                            f"upstream={upstream}, damping=0)\n")
+        paths[error] = {p: (m.lora_B.weight @ m.lora_A.weight).detach()
+                        for p, m in res.model.named_modules()
+                        if isinstance(m, CompensatedLinear)}
+        step = next(s for s in res.report.steps if s.verb == "compensate")
+        assert all(0.0 < r["output_error_recovered"] <= 1.0
+                   for r in step.report.per_module.values())
+    for p, layer in paths["layer"].items():
+        same = torch.allclose(paths["accumulated"][p], layer, rtol=1e-4,
+                              atol=1e-5 * float(layer.abs().max()))
+        assert same == (p.startswith("model.layers.0.") and "down" not in p), p
+
+
+@pytest.mark.parametrize("bad, msg", [("damping=-1", "damping must be >= 0"),
+                                      ("upstream=1.5", "upstream must be between 0 and 1")])
+def test_bad_accumulated_parameters_are_parameter_errors(base_dir, bad, msg):
+    with pytest.raises(SurgeryError) as e:
+        run(base_dir, f"quantize {MLP} to int2 using rtn(group=32)\n"
+                      f"compensate {MLP} using eora(rank=4, data=calib, {bad})\n")
+    assert msg in str(e.value)
 
 
 def test_svd_on_a_pruned_layer_is_a_lora_adapter_peft_reproduces(base_dir, tmp_path):
