@@ -317,9 +317,15 @@ class Pass:
 
     # -- the lifecycle ------------------------------------------------------------------------
     @final
-    def run(self, ctx: RunContext, targets: dict[str, "nn.Module"]) -> PassResult:
-        """requires -> apply -> ensures. ``targets`` are the plan's modules in ``ctx.model``."""
-        for path, module in targets.items():
+    def run(self, ctx: RunContext, targets: dict[str, "nn.Module"], *,
+            planned: bool = False) -> PassResult:
+        """requires -> apply -> ensures. ``targets`` are the plan's modules in ``ctx.model``.
+
+        ``planned=True``: the plan already ran ``check_module`` on the targets as they will be
+        when this step reaches them, and ``targets`` are not that yet (a step of a streamed
+        sweep: its targets are meta modules the earlier steps have not transformed yet; they do
+        so block by block), so the requires check is the plan's."""
+        for path, module in ({} if planned else targets).items():
             reason = self.check_module(path, module)
             if reason:
                 raise PassError(str(reason), module=path, hint=getattr(reason, "hint", None))

@@ -252,6 +252,23 @@ def test_what_cannot_stream_is_refused_at_plan_time(ckpt, tmp_path, capsys):
     # `expect` streams (tests/test_executor_expect.py); E0903 is for a model without blocks
 
 
+def test_compensate_is_refused_in_a_streamed_run_at_plan_time(ckpt, tmp_path, capsys):
+    # It reads W from a second whole model in memory, so streaming would not bound memory. It
+    # used to fail mid-run (the sweep's stale targets, then no source to reload).
+    s = _script(tmp_path, f"""
+        model base = "hf:{ckpt}"
+        data calib = corpus("pydoc", samples=4, seqlen=32)
+        let body = modules("model.layers.*.*.*_proj")
+        quantize body to int4 using gptq(data=calib, group=32)
+        compensate body using eora(rank=4, data=calib, upstream=0.5)
+    """)
+    assert _apply(s, tmp_path / "out", "--stream", "on") == 2
+    err = capsys.readouterr().err
+    assert "error[E0902]" in err and "compensate using eora" in err and ":7:" in err
+    assert not (tmp_path / "out").exists()
+    assert _apply(s, tmp_path / "mem", "--stream", "off") == 0
+
+
 def test_plan_prints_the_memory_estimate(ckpt, tmp_path, capsys):
     s = _script(tmp_path, RTN.format(ckpt=ckpt))
     assert main(["plan", str(s)]) == 0

@@ -133,6 +133,13 @@ class CompensatePass(ModulePass):
         State.LOWERED: "already lowered to backend kernels; compensate before `lower`",
     }
 
+    @classmethod
+    def stream_refusal(cls, params: PassParams) -> str | None:
+        # the uncompressed reference is a second whole model in memory (its weights are W, and
+        # `upstream` runs it): streaming the compressed one would not bound the memory
+        return ("it reads the uncompressed weights from a second, whole copy of the model in "
+                "memory")
+
     def check_module(self, path: str, module: nn.Module) -> str | None:
         have = carried_states(module)
         if not have & {State.QUANTIZED, State.MASKED}:
@@ -269,6 +276,7 @@ class Eora(CompensatePass):
 
     def factors(self, dW, gram, rank):
         return eora_factors(dW, gram, rank)
+
 
     def apply(self, ctx: RunContext, modules: dict[str, nn.Module]) -> PassResult:
         from surgery.passes.calib import calibrate_sequential

@@ -154,7 +154,9 @@ class Sweep:
             targets = {p: self.runner.model.get_submodule(p) for p in row.modules}
             ctx = dataclasses.replace(self.runner.ctx, line=row.step.line)
             try:
-                result = self.runner._guard(row, lambda: pass_obj.run(ctx, targets))
+                # (meta, and untransformed by the steps before it: the plan checked them)
+                result = self.runner._guard(row, lambda: pass_obj.run(ctx, targets,
+                                                                      planned=True))
             finally:
                 self._restore(j)
             self.busy[j] += time.perf_counter() - self._since[j]
