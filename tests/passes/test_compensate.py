@@ -316,15 +316,16 @@ def test_bad_accumulated_parameters_are_parameter_errors(base_dir, bad, msg):
     assert msg in str(e.value)
 
 
-def test_svd_on_a_pruned_layer_is_a_lora_adapter_peft_reproduces(base_dir, tmp_path):
+@pytest.mark.parametrize("method", ["svd(rank=6)", "eora(rank=6, data=calib, upstream=0.25)"])
+def test_a_pruned_layers_path_is_a_lora_adapter_peft_reproduces(base_dir, tmp_path, method):
     from peft import PeftModel
 
     res = run(base_dir, f"prune {MLP} to 2:4 using magnitude()\n"
-                        f"compensate {MLP} using svd(rank=6)\n"
+                        f"compensate {MLP} using {method}\n"
                         f'export peft "{tmp_path}/peft"\n')
     model = res.model
     layer = model.get_submodule("model.layers.1.mlp.down_proj")
-    assert isinstance(layer.base_layer, SparseLinear) and layer.method == "svd"
+    assert isinstance(layer.base_layer, SparseLinear) and layer.method == method.split("(")[0]
     # PEFT's LoRA on a plain model holding the pruned weights = our compensated model
     plain = LlamaForCausalLM.from_pretrained(base_dir).eval()
     with torch.no_grad():
