@@ -245,7 +245,7 @@ def calibrate_sequential(model: nn.Module, calibration: torch.Tensor,
     ``model`` on the same batches, block by block with its own block inputs. Each target's
     statistics then also hold ``cross`` = X_refᵀX, X_ref the inputs of the layer at the same path
     in the reference: how the original model's activations relate to the transformed one's
-    (EoRA's ``error="accumulated"``). The reference is only read."""
+    (EoRA's ``upstream``). The reference is only read."""
     if not targets:
         return
     was_training = model.training
